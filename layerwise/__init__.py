@@ -1,0 +1,3 @@
+"""layerwise: layer-selective fine-tuning that saves real time and memory."""
+
+__version__ = "0.1.0"

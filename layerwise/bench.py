@@ -1,0 +1,222 @@
+"""``layerwise bench``: methods side by side, each in its own subprocess, on identical data,
+seed and padded length; ratios against ``full`` measured in the same invocation; the cost
+model's ideal speedup printed beside each measurement.
+
+Writes ``DIR/results.json`` (a list of per-method summaries with ratios), ``DIR/results.md``
+and ``DIR/chart.png`` (peak training memory vs tokens/s).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+BENCH_DEFAULTS = {"freeze": {"top": 2}}
+
+
+def _method_raw(base: dict, name: str, steps: int, num_blocks: int) -> dict:
+    raw = copy.deepcopy(base)
+    method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    # Method-specific keys given for the bench apply only to the method they name.
+    extra = {k: v for k, v in method.items() if k != "name"} if method.get("name") == name else {}
+    m = {"name": name, **BENCH_DEFAULTS.get(name, {}), **extra}
+    if name == "lift" and "switch_every" not in m:
+        # One pass of the whole schedule within the run: every block active equally often.
+        groups = -(-num_blocks // m.get("k", 1))
+        m["switch_every"] = max(1, steps // groups)
+    raw["method"] = m
+    return raw
+
+
+def _num_blocks(model_spec: str) -> int:
+    from transformers import AutoConfig
+
+    from .models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_spec), local_files_only=True)
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ConfigError(f"cannot read the number of layers of '{model_spec}'")
+
+
+def _run(cmd: list[str], log_path: Path) -> None:
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise ConfigError(f"bench step failed ({' '.join(cmd[3:5])}): {tail[0]} (full log: {log_path})")
+
+
+def run_bench(args, base_raw: dict) -> list[dict]:
+    from .config import resolve
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"bench output folder '{out}' already exists and is not empty: pass a new --output")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods is empty: name at least one method, e.g. --methods full,lift")
+    if args.steps < 2:
+        raise ConfigError("--steps must be at least 2 (the first step is warm-up and not timed)")
+    base = copy.deepcopy(base_raw)
+    base.pop("output", None)
+    train = base.setdefault("train", {})
+    train.update(
+        {
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "eval_before": False,
+            "eval_after": args.eval_samples > 0,
+            "save_model": False,
+            "progress": False,
+            "log_every": max(1, args.steps // 10),
+        }
+    )
+    data = base.setdefault("data", {})
+    data.update({"max_length": args.seq_len, "padding": "max_length"})
+    if args.eval_samples > 0:
+        data["max_eval_samples"] = args.eval_samples
+    model_spec = base.get("model", "minilm")
+    # Validate every method's config before running anything.
+    num_blocks = _num_blocks(model_spec)
+    raws = {}
+    for name in methods:
+        raw = _method_raw(base, name, args.steps, num_blocks)
+        resolve(raw)
+        raws[name] = raw
+    if "full" not in methods:
+        print("note: 'full' is not among --methods; ratios are left empty", file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "configs").mkdir()
+    (out / "runs").mkdir()
+    for name, raw in raws.items():
+        (out / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    print(f"profiling per-block cost on {model_spec} (batch {args.batch_size} x {args.seq_len})", flush=True)
+    prof_cmd = [sys.executable, "-m", "layerwise.profile_cli", str(out / "configs" / f"{methods[0]}.yaml"), "--methods", ",".join(methods), "--steps", str(args.steps), "--output", str(out / "profile.json")]
+    _run(prof_cmd, out / "runs" / "profile.log")
+    profile = json.loads((out / "profile.json").read_text())
+
+    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for rep in range(args.repeats):
+        # Interleave methods within each repeat so drift in machine load hits all of them alike.
+        for name in methods:
+            run_dir = out / "runs" / f"{name}-{rep}"
+            cmd = [sys.executable, "-m", "layerwise", "train", str(out / "configs" / f"{name}.yaml"), "--output", str(run_dir)]
+            print(f"[{rep + 1}/{args.repeats}] {name} ...", end=" ", flush=True)
+            _run(cmd, out / "runs" / f"{name}-{rep}.log")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            per_method[name].append(summary)
+            print(f"{summary['tokens_per_s']:.0f} tokens/s, peak training memory {summary['memory']['total'] / 2**20:.0f} MiB", flush=True)
+
+    results = []
+    for name in methods:
+        runs = per_method[name]
+        summary = dict(runs[-1])
+        summary["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+        summary["tokens_per_s"] = statistics.median(summary["tokens_per_s_runs"])
+        summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
+        summary["peak_memory_bytes"] = int(statistics.median(r["peak_memory_bytes"] for r in runs))
+        summary["predicted"] = profile["methods"].get(name)
+        results.append(summary)
+    full = next((r for r in results if r["method"] == "full"), None)
+    for r in results:
+        if full is None:
+            r.update(tokens_per_s_ratio=None, memory_ratio=None, memory_saving_x=None, process_memory_ratio=None)
+            continue
+        r["tokens_per_s_ratio"] = r["tokens_per_s"] / full["tokens_per_s"]
+        r["memory_ratio"] = r["memory"]["total"] / full["memory"]["total"]
+        r["memory_saving_x"] = full["memory"]["total"] / r["memory"]["total"]
+        r["process_memory_ratio"] = r["peak_memory_bytes"] / full["peak_memory_bytes"]
+        pred = r["predicted"] or {}
+        r["percent_of_ideal"] = 100.0 * r["tokens_per_s_ratio"] / pred["predicted_speedup"] if pred.get("predicted_speedup") else None
+    command = "layerwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "layerwise bench"
+    meta = {
+        "command": command,
+        "model": model_spec,
+        "data": data.get("source", "rotten_tomatoes"),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+        "profile": profile["profile"],
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "results.md").write_text(render_markdown(meta, results))
+    chart(results, out / "chart.png", title=f"{model_spec}, batch {args.batch_size} x {args.seq_len}")
+    print((out / "results.md").read_text())
+    return results
+
+
+def _fmt(v, spec: str, missing: str = "n/a") -> str:
+    return missing if v is None else format(v, spec)
+
+
+def render_markdown(meta: dict, results: list[dict]) -> str:
+    lines = [
+        f"# layerwise bench: {meta['model']} on {meta['data']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Batch {meta['batch_size']} x {meta['seq_len']} tokens (padded), {meta['steps']} steps per method "
+        f"(first step not timed), median of {meta['repeats']} run(s), each method in its own process.",
+        "",
+        "| method | tokens/s | x full | ideal x (cost model) | % of ideal | peak training memory (MiB) | memory saving x | weights / grads / optimizer / activations (MiB) | peak RSS (MiB) | trainable params (max) | held-out |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    mib = lambda b: b / 2**20  # noqa: E731
+    for r in results:
+        m = r["memory"]
+        pred = (r.get("predicted") or {}).get("predicted_speedup")
+        ev = r.get("eval") or {}
+        held = f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else (f"loss {ev['loss']:.4f}" if "loss" in ev else "-")
+        lines.append(
+            f"| {r['method']} | {r['tokens_per_s']:.0f} | {_fmt(r.get('tokens_per_s_ratio'), '.2f')} | {_fmt(pred, '.2f')} | "
+            f"{_fmt(r.get('percent_of_ideal'), '.0f')} | {mib(m['total']):.1f} | {_fmt(r.get('memory_saving_x'), '.2f')} | "
+            f"{mib(m['weights']):.1f} / {mib(m['grads']):.1f} / {mib(m['optimizer']):.1f} / {mib(m['activations']):.1f} | "
+            f"{mib(r['peak_memory_bytes']):.0f} | {r['trainable_parameters_max']:,} | {held} |"
+        )
+    lines += [
+        "",
+        "Peak training memory = weights + gradients + optimizer state + bytes saved for backward (each at its peak), "
+        "counted by layerwise's meter; peak RSS is the whole process (Python, torch, tokenizer, data) measured by the OS. "
+        "'ideal x' is the cost model's best tokens/s ratio over `full` at this batch, from per-block forward/backward times "
+        "profiled on this machine (see docs/cost-model.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in results:
+        x = r["memory"]["total"] / 2**20
+        y = r["tokens_per_s"]
+        ax.scatter([x], [y], s=60)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("peak training memory (MiB): weights + grads + optimizer + activations")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(title or "memory vs throughput")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

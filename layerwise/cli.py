@@ -1,0 +1,112 @@
+"""``layerwise`` command line: ``train`` and ``bench``.
+
+Bad input exits with status 2 and one line on stderr that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# No hub access unless the user explicitly turns it back on.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with a method and report what it cost")
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults train LIFT on the packaged MiniLM + Rotten Tomatoes)")
+    p.add_argument("--method", help="full, freeze, lift, lisa, lora")
+    p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
+    p.add_argument("--data", help="local .jsonl/.csv/.parquet file, saved datasets folder, or packaged name (rotten_tomatoes, boolq)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--output", help="run folder (must not exist or be empty)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4 or method.k=2")
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run methods side by side (one subprocess each) and compare cost")
+    p.add_argument("config", nargs="?", help="YAML config shared by every method (optional)")
+    p.add_argument("--methods", default="full,lift,lisa,freeze,lora", help="comma-separated method names")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="run each method this many times and take the median")
+    p.add_argument("--eval", dest="eval_samples", type=int, default=0, help="held-out examples to evaluate after training (0 = skip)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def build_raw_config(args) -> dict:
+    from .config import load_yaml, parse_override, set_path
+
+    raw = load_yaml(args.config) if args.config else {}
+    method = raw.get("method")
+    if isinstance(method, str):
+        raw["method"] = {"name": method}
+    if getattr(args, "method", None):
+        current = raw.get("method") or {}
+        # Switching method on the command line drops the file's method-specific keys only if they name another method.
+        raw["method"] = {**current, "name": args.method} if current.get("name") in (None, args.method) else {"name": args.method}
+    if args.model:
+        raw["model"] = args.model
+    if args.data:
+        raw.setdefault("data", {})["source"] = args.data
+    if getattr(args, "max_steps", None) is not None:
+        raw.setdefault("train", {})["max_steps"] = args.max_steps
+    if getattr(args, "output", None) and args.command == "train":
+        raw["output"] = args.output
+    for text in args.overrides:
+        path, value = parse_override(text)
+        if path[0] == "method" and len(path) > 1:
+            raw.setdefault("method", {"name": "lift"})
+            if isinstance(raw["method"], str):
+                raw["method"] = {"name": raw["method"]}
+        set_path(raw, path, value)
+    return raw
+
+
+def cmd_train(args) -> int:
+    from .config import resolve
+    from .run import train
+
+    cfg, mcfg = resolve(build_raw_config(args))
+    train(cfg, mcfg)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args, build_raw_config(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _bench_parser(sub)
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    from .errors import LayerwiseError
+
+    hf_logging.set_verbosity_error()
+    try:
+        return {"train": cmd_train, "bench": cmd_bench}[args.command](args)
+    except LayerwiseError as exc:
+        print(f"layerwise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Measuring what a step costs: bytes saved for backward, parameter/grad/optimizer bytes,
+peak process memory (peak RSS on CPU, ``max_memory_allocated`` on CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward, via ``saved_tensors_hooks``.
+
+    Each storage is counted once; storages that belong to parameters are not activations
+    and are excluded (autograd saves weights for the input gradient, but they exist anyway).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.refresh(model)
+        self.last_bytes = 0
+
+    def refresh(self, model: nn.Module) -> None:
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    @contextlib.contextmanager
+    def track(self):
+        seen: dict[int, int] = {}
+        param_ptrs = self._param_ptrs
+
+        def pack(t: torch.Tensor):
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # e.g. sparse or meta tensors
+                return t
+            ptr = storage.data_ptr()
+            if ptr not in param_ptrs and ptr not in seen:
+                seen[ptr] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield seen
+        self.last_bytes = sum(seen.values())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for p in model.parameters())
+
+
+def grad_bytes(params) -> int:
+    return sum(p.grad.nbytes for p in params if p.grad is not None)
+
+
+class PeakMemory:
+    """Peak memory of the process during a window: VmHWM on Linux CPU (reset through
+    /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def env_threads() -> int:
+    return torch.get_num_threads() or os.cpu_count() or 1

@@ -1,0 +1,91 @@
+"""``ActiveOptimizer``: an AdamW that owns exactly the active parameters.
+
+On a switch the parameter groups are replaced in place (so an LR scheduler bound to the
+optimizer keeps working) and the leaving parameters' state is dropped (``reset``) or
+stashed off the device and restored when they come back (``keep``). Parameters outside
+the active set are never in a param group, so they cannot drift through momentum or
+weight decay, and their ``.grad`` is set to ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def _is_decayed(p: nn.Parameter) -> bool:
+    # Biases and norm gains (1-D) are not weight-decayed, as in most HF recipes.
+    return p.ndim >= 2
+
+
+class ActiveOptimizer:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        state_policy: str = "reset",
+    ):
+        if state_policy not in ("reset", "keep"):
+            raise ValueError(f"optimizer_state must be 'reset' or 'keep', got {state_policy!r}")
+        self.state_policy = state_policy
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}],
+            lr=lr,
+            betas=betas,
+            eps=eps,
+        )
+        self._stash: dict[nn.Parameter, dict] = {}
+        self.active: list[nn.Parameter] = []
+        self.set_active(params)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def set_active(self, params: Iterable[nn.Parameter]) -> None:
+        """Make ``params`` the trainable set: requires_grad, param groups and state follow."""
+        new = list(dict.fromkeys(params))  # dedupe, keep order
+        new_ids = {id(p) for p in new}
+        for p in self.active:
+            if id(p) in new_ids:
+                continue
+            p.grad = None
+            p.requires_grad_(False)
+            state = self.optimizer.state.pop(p, None)
+            if state and self.state_policy == "keep":
+                self._stash[p] = {k: (v.to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
+        for p in new:
+            p.requires_grad_(True)
+            if p in self._stash:
+                saved = self._stash.pop(p)
+                self.optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in saved.items()}
+        self.optimizer.param_groups[0]["params"] = [p for p in new if _is_decayed(p)]
+        self.optimizer.param_groups[1]["params"] = [p for p in new if not _is_decayed(p)]
+        self.active = new
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held for the active set (on its device)."""
+        return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def stashed_bytes(self) -> int:
+        """Bytes of state stashed off the device for inactive parameters (``keep`` policy)."""
+        return sum(v.nbytes for s in self._stash.values() for v in s.values() if torch.is_tensor(v))
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()

@@ -1,0 +1,204 @@
+"""The training loop: plan -> requires_grad + optimizer ownership -> forward/backward/step -> meter.
+
+Kept short on purpose; the run folder, data and model loading live in :mod:`layerwise.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from ..config import TrainConfig
+from ..methods import Method, Plan
+from .meter import PeakMemory, SavedTensorMeter, grad_bytes, param_bytes
+from .optim import ActiveOptimizer
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    plan: Plan
+    tokens: int
+    seconds: float
+    bytes: dict
+
+
+@dataclass
+class Totals:
+    steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    peak: dict = field(default_factory=lambda: {"weights": 0, "grads": 0, "optimizer": 0, "activations": 0, "total": 0})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def batches_forever(make_loader: Callable[[int], torch.utils.data.DataLoader]) -> Iterator[dict]:
+    """Endless batches; epoch ``e`` is shuffled with seed ``e`` so the order is reproducible."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in make_loader(epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise RuntimeError("the training data loader produced no batches")
+        epoch += 1
+
+
+class Trainer:
+    """Runs a :class:`Method` on a model. ``train_batches`` yields dicts of tensors that the
+    model accepts as keyword arguments (including ``labels``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        cfg: TrainConfig,
+        train_batches: Iterator[dict],
+        *,
+        device: torch.device | None = None,
+    ):
+        self.model = model
+        self.method = method
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.batches = train_batches
+        self.model.to(self.device)
+        self.model.train()
+        if cfg.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False) and not hasattr(self.model, "gradient_checkpointing_enable"):
+                raise ValueError("this model does not support gradient checkpointing: set train.gradient_checkpointing=false")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.step_index = 0
+        self.plan = method.plan(0)
+        self.optimizer = ActiveOptimizer(
+            method.parameters(self.plan),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            state_policy=cfg.optimizer_state,
+        )
+        self.scheduler = get_scheduler(
+            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule],
+            self.optimizer.optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=max(cfg.max_steps, 1),
+        )
+        self.meter = SavedTensorMeter(self.model)
+        self.weight_bytes = param_bytes(self.model)
+        self.totals = Totals()
+        self.switches = 0
+        self.max_trainable = sum(p.numel() for p in self.optimizer.active)
+        self.peak_memory = PeakMemory(self.device)
+
+    # ------------------------------------------------------------------------------------
+    def autocast(self):
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def apply_plan(self, plan: Plan) -> None:
+        if plan == self.plan:
+            return
+        self.optimizer.set_active(self.method.parameters(plan))
+        self.plan = plan
+        self.switches += 1
+        self.max_trainable = max(self.max_trainable, sum(p.numel() for p in self.optimizer.active))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> StepRecord:
+        """One optimizer step (``grad_accum`` micro-batches)."""
+        t0 = time.perf_counter()
+        self.apply_plan(self.method.plan(self.step_index))
+        total_loss = 0.0
+        tokens = samples = 0
+        activations = 0
+        for _ in range(self.cfg.grad_accum):
+            batch = self._to_device(next(self.batches))
+            with self.meter.track(), self.autocast():
+                out = self.model(**batch)
+                loss = out.loss / self.cfg.grad_accum
+            # Everything saved for backward is alive once the forward is done.
+            activations = max(activations, self.meter.last_bytes)
+            loss.backward()
+            total_loss += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            samples += batch["input_ids"].shape[0]
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(
+                f"loss is {total_loss} at step {self.step_index} (training {self.plan.describe()}): lower train.lr or enable train.max_grad_norm"
+            )
+        active = self.optimizer.active
+        grads = grad_bytes(active)
+        if self.cfg.max_grad_norm and active:
+            torch.nn.utils.clip_grad_norm_([p for p in active if p.grad is not None], self.cfg.max_grad_norm)
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        opt_bytes = self.optimizer.state_bytes()
+        seconds = time.perf_counter() - t0
+        b = {"weights": self.weight_bytes, "grads": grads, "optimizer": opt_bytes, "activations": activations}
+        b["total"] = sum(b.values())
+        for k, v in b.items():
+            self.totals.peak[k] = max(self.totals.peak[k], v)
+        rec = StepRecord(self.step_index, total_loss, lr, self.plan, tokens, seconds, b)
+        self.step_index += 1
+        self.totals.steps += 1
+        self.totals.tokens += tokens
+        self.totals.samples += samples
+        self.totals.seconds += seconds
+        return rec
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, task: str, device: torch.device, bf16: bool = False) -> dict:
+    """Held-out metrics: accuracy (and loss) for classification; loss and perplexity for causal LM.
+
+    Causal-LM loss is the token-weighted mean over all label tokens (not a mean of batch means).
+    """
+    was_training = model.training
+    model.eval()
+    ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    correct = count = 0
+    loss_sum = 0.0
+    tokens = 0
+    with ctx:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            if task == "classification":
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                count += labels.numel()
+            else:
+                shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+                shift_labels = labels[:, 1:].reshape(-1)
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                )
+                tokens += int((shift_labels != -100).sum())
+    model.train(was_training)
+    if task == "classification":
+        return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1), "examples": count}
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

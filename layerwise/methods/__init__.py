@@ -1,0 +1,7 @@
+"""Registered methods. A new method is one file here plus one import line."""
+
+from .base import Method, Plan
+from .registry import METHODS, create_method, method_config, register
+from . import full, freeze, lift, lisa, lora  # noqa: F401  (registration)
+
+__all__ = ["METHODS", "Method", "Plan", "create_method", "method_config", "register"]

@@ -1,0 +1,122 @@
+"""What every method shares: the per-step :class:`Plan` and the :class:`Method` base class.
+
+A method answers one question per optimizer step: which parameters train? The engine
+applies the answer (``requires_grad``, optimizer ownership) and autograd does the rest:
+blocks below the lowest trainable one get inputs that do not require grad, so they record
+no graph and store no activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..anatomy import Anatomy
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The trainable set for one optimizer step, by anatomy group."""
+
+    blocks: tuple[int, ...]
+    embeddings: bool = False
+    head: bool = False
+
+    @property
+    def lowest(self) -> int | None:
+        """Depth where backward stops: -1 for the embeddings, a block index, ``None`` if only the head trains."""
+        if self.embeddings:
+            return -1
+        return min(self.blocks) if self.blocks else None
+
+    def describe(self) -> str:
+        parts = []
+        if self.embeddings:
+            parts.append("emb")
+        if self.blocks:
+            parts.append("blocks " + ",".join(map(str, self.blocks)))
+        if self.head:
+            parts.append("head")
+        return "+".join(parts) or "nothing"
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``Config`` and implement :meth:`plan`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    #: True when only adapter parameters (created in :meth:`prepare`) may train.
+    adapter_only: ClassVar[bool] = False
+
+    def __init__(self, config: Any, anatomy: Anatomy, *, seed: int = 0, max_steps: int = 0):
+        self.config = config
+        self.anatomy = anatomy
+        self.seed = seed
+        self.max_steps = max_steps
+        self.adapter_params: set[int] = set()
+
+    # -- hooks -------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Change the model before training (e.g. inject adapters); return the model to train."""
+        return model
+
+    def plan(self, step: int) -> Plan:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- shared ------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.anatomy.num_blocks
+
+    def parameters(self, plan: Plan) -> list[nn.Parameter]:
+        """The parameters that train under ``plan`` (deduplicated, in model order)."""
+        chosen: list[nn.Parameter] = []
+        if plan.embeddings:
+            chosen += self.anatomy.embedding_parameters()
+        for i in plan.blocks:
+            chosen += self.anatomy.block_parameters(i)
+        if plan.head:
+            chosen += self.anatomy.head_parameters()
+        seen: set[int] = set()
+        out = []
+        for p in chosen:
+            if id(p) in seen:
+                continue
+            if self.adapter_only and id(p) not in self.adapter_params:
+                continue
+            seen.add(id(p))
+            out.append(p)
+        return out
+
+    def check_blocks(self, blocks: list[int], key: str) -> None:
+        last = self.num_blocks - 1
+        for b in blocks:
+            if not isinstance(b, int) or b < 0 or b > last:
+                raise ConfigError(
+                    f"{key}: block {b} does not exist; this model has blocks 0..{last} "
+                    f"({self.num_blocks} blocks): use indices in that range"
+                )
+
+
+def all_blocks(anatomy: Anatomy) -> tuple[int, ...]:
+    return tuple(range(anatomy.num_blocks))
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A generator seeded from a tuple, so a step's random choice is a pure function of (seed, phase)."""
+    g = torch.Generator()
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k)) % (2**63 - 1)
+    g.manual_seed(h)
+    return g

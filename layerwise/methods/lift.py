@@ -1,0 +1,72 @@
+"""``lift``: LIFT, layer-wise fine-tuning. ``k`` adjacent blocks train at a time and the
+active group moves every ``switch_every`` optimizer steps on a schedule (``bottom_up``,
+``top_down``, ``random``). Embeddings and head are trained ``always``, ``never``, or as
+their own ``phase`` in the rotation. Backward stops at the active group.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method, Plan, seeded_generator
+from .registry import register
+
+Policy = Literal["always", "never", "phase"]
+
+
+@dataclass
+class LiftConfig:
+    name: str = "lift"
+    k: int = 1
+    """Blocks trained together in one phase."""
+    schedule: Literal["bottom_up", "top_down", "random"] = "bottom_up"
+    switch_every: int = 25
+    """Optimizer steps per phase."""
+    embeddings: Policy = "never"
+    head: Policy = "always"
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"method.k must be at least 1, got {self.k}")
+        if self.switch_every < 1:
+            raise ConfigError(f"method.switch_every must be at least 1, got {self.switch_every}")
+
+
+@register
+class Lift(Method):
+    name = "lift"
+    Config = LiftConfig
+
+    def __init__(self, config, anatomy, **kw):
+        super().__init__(config, anatomy, **kw)
+        L = self.num_blocks
+        if config.k > L:
+            raise ConfigError(f"method.k={config.k} exceeds the model's {L} blocks: use 1..{L}")
+        groups = [tuple(range(s, min(s + config.k, L))) for s in range(0, L, config.k)]
+        phases: list[object] = list(groups)
+        if config.embeddings == "phase":
+            phases.insert(0, "embeddings")
+        if config.head == "phase":
+            phases.append("head")
+        if config.schedule == "top_down":
+            phases.reverse()
+        self.phases = phases
+
+    def phase_at(self, step: int) -> object:
+        index = step // self.config.switch_every
+        n = len(self.phases)
+        if self.config.schedule != "random":
+            return self.phases[index % n]
+        # A fresh seeded permutation per cycle: every phase once per cycle, in random order.
+        cycle, pos = divmod(index, n)
+        perm = torch.randperm(n, generator=seeded_generator(self.seed, cycle)).tolist()
+        return self.phases[perm[pos]]
+
+    def plan(self, step: int) -> Plan:
+        phase = self.phase_at(step)
+        emb = self.config.embeddings == "always" or phase == "embeddings"
+        head = self.config.head == "always" or phase == "head"
+        blocks = phase if isinstance(phase, tuple) else ()
+        return Plan(blocks, embeddings=emb, head=head)

@@ -1,0 +1,39 @@
+"""``lisa``: the LISA peer (LMFlow): ``k`` random blocks every ``switch_every`` steps,
+embeddings and head always trained. Unlike the reference, the optimizer owns only the
+active parameters, and blocks chosen at step 0 train too."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method, Plan, seeded_generator
+from .registry import register
+
+
+@dataclass
+class LisaConfig:
+    name: str = "lisa"
+    k: int = 2
+    switch_every: int = 20
+
+    def validate(self) -> None:
+        if self.k < 1 or self.switch_every < 1:
+            raise ConfigError("method.k and method.switch_every must be at least 1")
+
+
+@register
+class Lisa(Method):
+    name = "lisa"
+    Config = LisaConfig
+
+    def __init__(self, config, anatomy, **kw):
+        super().__init__(config, anatomy, **kw)
+        if config.k > self.num_blocks:
+            raise ConfigError(f"method.k={config.k} exceeds the model's {self.num_blocks} blocks: use 1..{self.num_blocks}")
+
+    def plan(self, step: int) -> Plan:
+        phase = step // self.config.switch_every
+        perm = torch.randperm(self.num_blocks, generator=seeded_generator(self.seed, 7, phase))
+        blocks = tuple(sorted(perm[: self.config.k].tolist()))
+        return Plan(blocks, embeddings=True, head=True)

@@ -1,0 +1,120 @@
+"""End to end through the CLI on tiny local models: run folder contents, bad input, bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from layerwise.cli import main
+
+
+def train(*args) -> int:
+    return main(["train", *args])
+
+
+def common(model_dir, data, out, steps=4):
+    return [
+        "--model", model_dir, "--data", data, "--max-steps", str(steps), "--output", str(out),
+        "--set", "train.batch_size=4", "--set", "train.progress=false", "--set", "train.log_every=2",
+        "--set", "data.max_length=32", "--set", "train.eval_batch_size=16",
+    ]
+
+
+def test_train_writes_run_folder(tiny_bert_dir, cls_jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, cls_jsonl, out), "--method", "lift", "--set", "method.switch_every=1") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert {"loss", "lr", "active_blocks", "tokens_per_s", "bytes"} <= set(rows[0])
+    assert {"weights", "grads", "optimizer", "activations"} <= set(rows[0]["bytes"])
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("method", "model", "steps", "tokens_per_s", "samples_per_s", "peak_memory_bytes", "memory", "eval"):
+        assert key in summary
+    assert summary["steps"] == 4 and summary["method"] == "lift"
+    assert summary["memory"]["activations"] > 0 and summary["peak_memory_bytes"] > 0
+    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert (out / "config.yaml").exists()
+    # The saved model is safetensors and loads with from_pretrained; LIFT changed blocks 0..3 only.
+    assert (out / "model" / "model.safetensors").exists()
+    trained = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(trained.state_dict()[emb], original.state_dict()[emb])
+    for i in range(4):
+        key = f"bert.encoder.layer.{i}.attention.self.query.weight"
+        assert not torch.equal(trained.state_dict()[key], original.state_dict()[key])
+
+
+def test_causal_lm_lora_saves_merged_model(tiny_llama_dir, lm_jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert train(*common(tiny_llama_dir, lm_jsonl, out), "--method", "lora", "--set", "method.target_modules=[q_proj,v_proj]") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "causal_lm" and summary["eval"]["perplexity"] > 1
+    assert (out / "adapter").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in k for k in merged.state_dict())
+    assert load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--set", "train.colour=red"], "unknown config key 'train.colour'"),
+        (["--method", "dance"], "unknown method 'dance'"),
+        (["--method", "freeze", "--set", "method.layers=[12]"], "block 12 does not exist"),
+        (["--set", "data.text_column=review"], "review"),
+        (["--set", "data.labels=[neg]"], "label"),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_no_run_folder(tiny_bert_dir, cls_jsonl, tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, cls_jsonl, out), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("layerwise: error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_empty_data_and_offline_model(tiny_bert_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert train(*common(tiny_bert_dir, str(empty), tmp_path / "a")) == 2
+    assert "empty" in capsys.readouterr().err
+    assert train("--model", "some-org/not-here", "--output", str(tmp_path / "b")) == 2
+    assert "offline" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_bert_dir, cls_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert train(*common(tiny_bert_dir, cls_jsonl, out)) == 2
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "layerwise", "bench", "--methods", "full,lift,freeze", "--model", tiny_bert_dir,
+        "--data", cls_jsonl, "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    results = {r["method"]: r for r in data["results"]}
+    assert set(results) == {"full", "lift", "freeze"}
+    full = results["full"]
+    for r in results.values():
+        assert r["tokens_per_s_ratio"] == pytest.approx(r["tokens_per_s"] / full["tokens_per_s"])
+        assert r["memory_ratio"] == pytest.approx(r["memory"]["total"] / full["memory"]["total"])
+        assert r["predicted"]["predicted_speedup"] > 0
+    assert results["full"]["predicted"]["predicted_speedup"] == pytest.approx(1.0)
+    assert results["lift"]["memory"]["total"] < full["memory"]["total"]
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "chart.png").stat().st_size > 1000

@@ -1,0 +1,53 @@
+"""Config loading: YAML + overrides, strict keys and types."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerwise.config import RunConfig, build, load_yaml, parse_override, resolve
+from layerwise.errors import ConfigError
+
+
+def test_defaults_are_lift_on_minilm_rotten_tomatoes():
+    cfg, mcfg = resolve({})
+    assert cfg.model == "minilm" and cfg.data.source == "rotten_tomatoes" and mcfg.name == "lift"
+
+
+def test_override_parsing():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("method.layers=[1, 2]") == (["method", "layers"], [1, 2])
+    assert parse_override("train.bf16=true") == (["train", "bf16"], True)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"trian": {}}, "unknown config key 'trian'"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"max_steps": 1.5}}, "train.max_steps"),
+        ({"train": {"bf16": "yes"}}, "true or false"),
+        ({"train": {"optimizer_state": "forget"}}, "reset, keep"),
+        ({"data": {"colour": 1}}, "data.colour"),
+        ({"method": {"name": "lift", "foo": 1}}, "method.foo"),
+    ],
+)
+def test_strict_config_errors(raw, needle):
+    with pytest.raises(ConfigError) as exc:
+        resolve(raw)
+    assert needle in str(exc.value)
+
+
+def test_int_stays_int_in_union():
+    cfg = build(RunConfig, {"data": {"eval_size": 1000}})
+    assert cfg.data.eval_size == 1000 and isinstance(cfg.data.eval_size, int)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(bad)

@@ -1,0 +1,223 @@
+"""Engine behaviour: truncated backward, optimizer ownership, frozen weights, checkpointing, accumulation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from layerwise.anatomy import find_anatomy
+from layerwise.config import TrainConfig
+from layerwise.engine import SavedTensorMeter, Trainer
+from layerwise.methods import create_method, method_config
+
+from conftest import batch_for, repeat, tiny_bert, tiny_llama
+
+
+def make_trainer(model, method: dict, batch: dict, task: str = "classification", **train):
+    anatomy = find_anatomy(model)
+    method_obj = create_method(method_config(method), anatomy, task=task, seed=0)
+    model = method_obj.prepare(model)
+    if model is not anatomy.model:
+        method_obj.anatomy = find_anatomy(model)
+    cfg = TrainConfig(**{"lr": 1e-2, "warmup_steps": 0, "max_steps": 100, "device": "cpu", "weight_decay": 0.1, **train})
+    return Trainer(model, method_obj, cfg, repeat(batch))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def per_block_saved_bytes(model, anatomy, batch):
+    """Bytes autograd saves inside each block during one forward."""
+    saved = [0] * anatomy.num_blocks
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack = []
+
+    def pre(i):
+        def hook(*_):
+            seen = set()
+
+            def pack(t):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in param_ptrs and ptr not in seen:
+                    seen.add(ptr)
+                    saved[i] += t.untyped_storage().nbytes()
+                return t
+
+            ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            ctx.__enter__()
+            stack.append(ctx)
+
+        return hook
+
+    def post(*_):
+        stack.pop().__exit__(None, None, None)
+
+    handles = []
+    for i, b in enumerate(anatomy.blocks):
+        handles += [b.register_forward_pre_hook(pre(i)), b.register_forward_hook(post)]
+    try:
+        model(**batch).loss
+    finally:
+        for h in handles:
+            h.remove()
+    return saved
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_backward_stops_at_lowest_trainable_block(make):
+    model = make(layers=4)
+    batch = batch_for(model)
+    anatomy = find_anatomy(model)
+    meter = SavedTensorMeter(model)
+    totals = []
+    for active in range(anatomy.num_blocks):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in anatomy.block_parameters(active) + anatomy.head_parameters():
+            p.requires_grad_(True)
+        per_block = per_block_saved_bytes(model, anatomy, batch)
+        # Nothing is saved for backward below the active block; the active block saves something.
+        assert all(b == 0 for b in per_block[:active]), per_block
+        assert per_block[active] > 0
+        with meter.track():
+            loss = model(**batch).loss
+        totals.append(meter.last_bytes)
+        loss.backward()
+        for i in range(anatomy.num_blocks):
+            grads = [p.grad for p in anatomy.block_parameters(i)]
+            if i == active:
+                assert all(g is not None for g in grads)
+            else:
+                assert all(g is None for g in grads)
+        for p in model.parameters():
+            p.grad = None
+    # Bytes saved for backward fall strictly as the active block moves up.
+    assert all(a > b for a, b in zip(totals, totals[1:])), totals
+
+
+def test_lift_steps_change_only_active_block_and_state_stays_small():
+    model = tiny_bert(layers=4)
+    batch = batch_for(model)
+    trainer = make_trainer(model, {"name": "lift", "switch_every": 1, "schedule": "random"}, batch)
+    anatomy = trainer.method.anatomy
+    max_active_bytes = max(
+        sum(p.nbytes for p in anatomy.block_parameters(i) + anatomy.head_parameters()) for i in range(anatomy.num_blocks)
+    )
+    for _ in range(12):
+        before = snapshot(model)
+        rec = trainer.train_step()
+        active_ids = {id(p) for p in trainer.optimizer.active}
+        after = dict(model.named_parameters())
+        for name, p in after.items():
+            if id(p) in active_ids:
+                continue
+            assert torch.equal(p.detach(), before[name]), f"frozen {name} moved"
+            assert p.grad is None
+        for i in rec.plan.blocks:
+            changed = [not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if id(p) in {id(q) for q in anatomy.block_parameters(i)}]
+            assert any(changed), f"active block {i} did not change"
+        # AdamW keeps two moments per parameter (+ scalar step): never more than the largest active set needs.
+        assert trainer.optimizer.state_bytes() <= 2 * max_active_bytes + 8 * 64
+    assert trainer.switches >= 5
+
+
+def test_keep_policy_restores_state_and_reset_drops_it():
+    for policy in ("keep", "reset"):
+        model = tiny_bert(layers=2)
+        trainer = make_trainer(model, {"name": "lift", "switch_every": 2}, batch_for(model), optimizer_state=policy)
+        block0 = trainer.method.anatomy.block_parameters(0)[0]
+        for _ in range(6):  # block 0, block 1, block 0 again
+            trainer.train_step()
+        step = float(trainer.optimizer.state[block0]["step"])
+        assert step == (4.0 if policy == "keep" else 2.0), (policy, step)
+        if policy == "keep":
+            assert trainer.optimizer.stashed_bytes() > 0  # block 1's state waits off the active set
+
+
+def test_block_chosen_before_optimizer_existed_trains():
+    # LISA peers build the optimizer before the first selection and never train it; here step 0's blocks train.
+    model = tiny_llama(layers=4)
+    trainer = make_trainer(model, {"name": "lisa", "k": 1, "switch_every": 100}, batch_for(model), task="causal_lm")
+    chosen = trainer.plan.blocks
+    anatomy = trainer.method.anatomy
+    before = [p.detach().clone() for p in anatomy.block_parameters(chosen[0])]
+    trainer.train_step()
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, anatomy.block_parameters(chosen[0])))
+
+
+def test_freeze_top_k_trains_only_top_blocks_and_head():
+    model = tiny_bert(layers=4)
+    trainer = make_trainer(model, {"name": "freeze", "top": 2}, batch_for(model))
+    anatomy = trainer.method.anatomy
+    before = snapshot(model)
+    for _ in range(3):
+        trainer.train_step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    for i in range(4):
+        names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in anatomy.block_parameters(i)}}
+        assert (names <= changed) if i >= 2 else not (names & changed)
+    assert not any(n.startswith("bert.embeddings") for n in changed)
+    assert "classifier.weight" in changed
+
+
+def test_lora_changes_only_adapters_and_head():
+    model = tiny_bert(layers=2)
+    trainer = make_trainer(model, {"name": "lora", "r": 2, "target_modules": ["query", "value"]}, batch_for(model))
+    before = snapshot(trainer.model)
+    for _ in range(3):
+        trainer.train_step()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all(("lora_" in n) or ("classifier" in n) for n in changed), changed
+    assert any("lora_B" in n for n in changed)
+
+
+def test_gradient_accumulation_matches_large_batch():
+    big = batch_for(tiny_bert(), batch=4)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+
+    def alternating():
+        while True:
+            yield from ({k: v.clone() for k, v in h.items()} for h in halves)
+
+    a = tiny_bert(layers=2)
+    ta = make_trainer(a, {"name": "full"}, big, max_grad_norm=None)
+    ta.train_step()
+    b = tiny_bert(layers=2)
+    tb = make_trainer(b, {"name": "full"}, big, grad_accum=2, max_grad_norm=None)
+    tb.batches = alternating()
+    tb.train_step()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_same_loss_and_grads_and_saves_less(dropout):
+    results = []
+    for gc in (False, True):
+        model = tiny_bert(layers=3, dropout=dropout)
+        model.train()
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = batch_for(model)
+        meter = SavedTensorMeter(model)
+        torch.manual_seed(123)
+        with meter.track():
+            loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, meter.last_bytes))
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert s1 < s0
+
+
+def test_bf16_autocast_trains():
+    model = tiny_llama(layers=2)
+    trainer = make_trainer(model, {"name": "lift", "switch_every": 1}, batch_for(model), task="causal_lm", bf16=True)
+    losses = [trainer.train_step().loss for _ in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
