@@ -22,7 +22,7 @@ def common(model_dir, data, out, steps=4):
     return [
         "--model", model_dir, "--data", data, "--max-steps", str(steps), "--output", str(out),
         "--set", "train.batch_size=4", "--set", "train.progress=false", "--set", "train.log_every=2",
-        "--set", "data.max_length=32", "--set", "train.eval_batch_size=16",
+        "--set", "data.max_length=32", "--set", "train.eval_batch_size=16", "--set", "train.warmup_steps=0",
     ]
 
 
