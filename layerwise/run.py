@@ -24,6 +24,7 @@ from .engine import Trainer, evaluate, resolve_device
 from .engine.trainer import batches_forever
 from .errors import ConfigError, ModelError
 from .methods import create_method
+from .methods.base import RunContext
 from .models import default_task_for, load_model_and_tokenizer, resolve_model_path
 
 
@@ -67,12 +68,21 @@ class Run:
             raise ModelError(str(exc)) from None
         except (AttributeError, ValueError) as exc:
             raise ConfigError(f"blocks: {exc}") from None
+        self.splits = tokenize_splits(splits, self.tokenizer, cfg.data, self.task)
         self.method = create_method(mcfg, anatomy, task=self.task, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
+        train_loader, eval_loader = self.loaders()
+        self.method.context = RunContext(
+            train_loader=train_loader,
+            eval_loader=eval_loader,
+            tokenizer=self.tokenizer,
+            output=self.output,
+            device=self.device,
+            task=self.task,
+        )
         self.model = self.method.prepare(model)
         if self.model is not model:
             # Adapters wrap the model: find the groups again so new modules are included.
             self.method.anatomy = find_anatomy(self.model, cfg.blocks)
-        self.splits = tokenize_splits(splits, self.tokenizer, cfg.data, self.task)
 
     # ------------------------------------------------------------------------------------
     def loaders(self):
@@ -142,6 +152,7 @@ class Run:
                         "active_blocks": list(rec.plan.blocks),
                         "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
                         "bytes": rec.bytes,
+                        **self.method.log_values(),
                     }
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
@@ -190,6 +201,7 @@ class Run:
             f"optimizer {summary['memory']['optimizer'] / 2**20:.1f}, activations {summary['memory']['activations'] / 2**20:.1f}) | "
             f"peak process memory {peak_process / 2**20:.0f} MiB"
         )
+        summary.update(self.method.finish(out))
         if tcfg.save_model:
             self.save_model(trainer.model, out)
         tmp = out / "summary.json.tmp"

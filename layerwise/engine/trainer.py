@@ -106,6 +106,7 @@ class Trainer:
         self.switches = 0
         self.max_trainable = sum(p.numel() for p in self.optimizer.active)
         self.peak_memory = PeakMemory(self.device)
+        method.attach(self)
 
     # ------------------------------------------------------------------------------------
     def autocast(self):
@@ -127,6 +128,7 @@ class Trainer:
     def train_step(self) -> StepRecord:
         """One optimizer step (``grad_accum`` micro-batches)."""
         t0 = time.perf_counter()
+        self.method.before_step(self.step_index)
         self.apply_plan(self.method.plan(self.step_index))
         total_loss = 0.0
         tokens = samples = 0

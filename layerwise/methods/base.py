@@ -18,6 +18,22 @@ from ..anatomy import Anatomy
 from ..errors import ConfigError
 
 
+@dataclass
+class RunContext:
+    """What a run gives a method before training: data to probe with, and where to write.
+
+    ``train_loader(epoch)`` returns a shuffled DataLoader of training batches (dicts of
+    tensors with ``labels``); ``eval_loader`` the held-out batches.
+    """
+
+    train_loader: Any = None
+    eval_loader: Any = None
+    tokenizer: Any = None
+    output: Any = None
+    device: Any = None
+    task: str = "classification"
+
+
 @dataclass(frozen=True)
 class Plan:
     """The trainable set for one optimizer step, by anatomy group."""
@@ -58,6 +74,10 @@ class Method:
         self.seed = seed
         self.max_steps = max_steps
         self.adapter_params: set[int] = set()
+        #: Set by the run before :meth:`prepare`: a :class:`RunContext` (data loaders,
+        #: tokenizer, output folder, device). ``None`` when a method is used on its own.
+        self.context: RunContext | None = None
+        self.trainer = None
 
     # -- hooks -------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -66,6 +86,25 @@ class Method:
 
     def plan(self, step: int) -> Plan:
         raise NotImplementedError
+
+    def attach(self, trainer) -> None:
+        """Called once by the Trainer after it has set up the model, optimizer and data.
+        Methods that need the model, the training batches or the device during training
+        (IST's importance loop) keep ``trainer`` here."""
+        self.trainer = trainer
+
+    def before_step(self, step: int) -> None:
+        """Called at the start of every optimizer step, before :meth:`plan`; its time is
+        counted in the step's time (so a method's own overhead is never hidden)."""
+
+    def log_values(self) -> dict:
+        """Extra values for the current ``metrics.jsonl`` row (JSON-serialisable)."""
+        return {}
+
+    def finish(self, output) -> dict:
+        """Called after training with the run folder; may write artefacts (plots) there.
+        Returns extra entries for ``summary.json``."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
