@@ -21,7 +21,7 @@ class LiftConfig:
     name: str = "lift"
     k: int = 1
     """Blocks trained together in one phase."""
-    schedule: Literal["bottom_up", "top_down", "random"] = "bottom_up"
+    schedule: Literal["bottom_up", "top_down", "random"] = "top_down"
     switch_every: int = 25
     """Optimizer steps per phase."""
     embeddings: Policy = "never"
