@@ -31,8 +31,8 @@ class ActiveOptimizer:
         eps: float = 1e-8,
         state_policy: str = "reset",
     ):
-        if state_policy not in ("reset", "keep"):
-            raise ValueError(f"optimizer_state must be 'reset' or 'keep', got {state_policy!r}")
+        if state_policy not in ("reset", "keep", "retain"):
+            raise ValueError(f"optimizer_state must be 'reset', 'keep' or 'retain', got {state_policy!r}")
         self.state_policy = state_policy
         self.optimizer = torch.optim.AdamW(
             [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}],
@@ -61,6 +61,10 @@ class ActiveOptimizer:
                 continue
             p.grad = None
             p.requires_grad_(False)
+            if self.state_policy == "retain":
+                # State stays in place, untouched, as in one optimizer over all parameters whose
+                # inactive ones have grad None (IST). Counted by state_bytes().
+                continue
             state = self.optimizer.state.pop(p, None)
             if state and self.state_policy == "keep":
                 self._stash[p] = {k: (v.to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
@@ -80,7 +84,7 @@ class ActiveOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held for the active set (on its device)."""
+        """Bytes of optimizer state held on the device (the active set's; with ``retain`` also the inactive ones')."""
         return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
     def stashed_bytes(self) -> int:

@@ -92,7 +92,8 @@ class Trainer:
             method.parameters(self.plan),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            state_policy=cfg.optimizer_state,
+            # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
+            state_policy=getattr(method, "optimizer_state", None) or cfg.optimizer_state,
         )
         self.scheduler = get_scheduler(
             {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule],
