@@ -1,4 +1,4 @@
-"""``layerwise`` command line: ``train`` and ``bench``.
+"""``layerwise`` command line: ``train``, ``bench`` and ``probe``.
 
 Bad input exits with status 2 and one line on stderr that names the problem and the fix.
 """
@@ -39,6 +39,17 @@ def _bench_parser(sub) -> None:
     p.add_argument("--eval", dest="eval_samples", type=int, default=0, help="held-out examples to evaluate after training (0 = skip)")
     p.add_argument("--output", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="SALF probe: which blocks are worth fine-tuning on this data (probe.json, probe.png)")
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults probe the packaged MiniLM + Rotten Tomatoes)")
+    p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
+    p.add_argument("--data", help="local data file or packaged name (rotten_tomatoes, boolq)")
+    p.add_argument("--samples", type=int, default=512, help="training examples in the probe's forward pass (default 512)")
+    p.add_argument("--budget", type=float, help="fraction of full fine-tuning's backward cost, e.g. 0.5: how many top blocks fit")
+    p.add_argument("--output", required=True, help="folder for probe.json and probe.png (must not exist or be empty)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.max_length=128")
 
 
 def build_raw_config(args) -> dict:
@@ -86,11 +97,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .probe import probe_command
+
+    probe_command(build_raw_config(args), samples=args.samples, budget=args.budget, output=args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    _probe_parser(sub)
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     try:
-        return {"train": cmd_train, "bench": cmd_bench}[args.command](args)
+        return {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe}[args.command](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2
