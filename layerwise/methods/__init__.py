@@ -2,6 +2,6 @@
 
 from .base import Method, Plan
 from .registry import METHODS, create_method, method_config, register
-from . import full, freeze, ist, lift, lisa, lora, salf  # noqa: F401  (registration)
+from . import full, freeze, ist, lift, lisa, lora, meft, salf  # noqa: F401  (registration)
 
 __all__ = ["METHODS", "Method", "Plan", "create_method", "method_config", "register"]
