@@ -307,5 +307,9 @@ def test_cli_run_writes_heatmap_and_scores(tiny_bert_dir, cls_jsonl, tmp_path):
     assert summary["ist"]["probe_forwards"] == 6 and summary["ist"]["probe_rounds"] == 2
     assert summary["ist"]["heatmap"] == "importance.png"
     assert sum(summary["ist"]["selection_counts"].values()) == 11
+    per_step = [json.loads(line) for line in (out / "importance.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_step] == list(range(11))
+    assert [r["selected"] for r in per_step][-1] == rows[-1]["ist_selected"]
+    assert per_step[4]["scores"] == [0.0] * 4 and per_step[5]["scores"] != [0.0] * 4  # first loop at step 5
     png = (out / "importance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

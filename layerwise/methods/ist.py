@@ -28,6 +28,7 @@ target modules).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -389,10 +390,16 @@ class Ist(Method):
             "probe_seconds": self.probe_seconds,
             "probe_fraction_of_train_seconds": self.probe_seconds / train_seconds if train_seconds else None,
         }
-        if self.config.heatmap and self.history["steps"] and output is not None:
-            path = Path(output) / "importance.png"
-            self.draw_heatmap(path)
-            extra["heatmap"] = path.name
+        if output is not None and self.history["steps"]:
+            # Every step's scores (those its selection used: after that step's importance loop, if any) and selection.
+            with open(Path(output) / "importance.jsonl", "w") as f:
+                for step, sc, sel in zip(self.history["steps"], self.history["scores"], self.history["selected"]):
+                    f.write(json.dumps({"step": step, "scores": sc, "selected": sel}) + "\n")
+            extra["per_step"] = "importance.jsonl"
+            if self.config.heatmap:
+                path = Path(output) / "importance.png"
+                self.draw_heatmap(path)
+                extra["heatmap"] = path.name
         return {"ist": extra}
 
     def draw_heatmap(self, path: Path) -> None:
@@ -407,18 +414,20 @@ class Ist(Method):
         for j, sel in enumerate(self.history["selected"]):
             for b in sel:
                 chosen[row[b], j] = 1.0
-        fig = Figure(figsize=(max(6.0, min(16.0, len(steps) / 25)), 2 + 0.5 * max(4, len(self.layers))))
+        fig = Figure(figsize=(max(7.5, min(16.0, len(steps) / 25)), 2 + 0.5 * max(4, len(self.layers))))
         FigureCanvasAgg(fig)
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
         extent = (steps[0] - 0.5, steps[-1] + 0.5, self.layers[0] - 0.5, self.layers[-1] + 0.5)
         lim = float(abs(scores).max()) or 1.0
         im = ax1.imshow(scores, aspect="auto", origin="lower", cmap="coolwarm", vmin=-lim, vmax=lim, extent=extent, interpolation="nearest")
-        fig.colorbar(im, ax=ax1, label="score (higher = less important)")
+        fig.colorbar(im, ax=ax1, label="score\n(high = less important)")
         ax1.set_ylabel("layer (block)")
         ax1.set_title("IST layer importance scores")
         im2 = ax2.imshow(chosen.numpy(), aspect="auto", origin="lower", cmap="Greys", vmin=0, vmax=1, extent=extent, interpolation="nearest")
-        fig.colorbar(im2, ax=ax2, label="trained")
+        fig.colorbar(im2, ax=ax2, label="trained", ticks=[0, 1])
         ax2.set_ylabel("layer (block)")
+        for ax in (ax1, ax2):
+            ax.yaxis.get_major_locator().set_params(integer=True)
         ax2.set_xlabel("step")
         ax2.set_title("layers trained per step")
         fig.tight_layout()
