@@ -41,8 +41,10 @@ from ..reversible import Adapter, ReversibleStack, RevLayer, rel_error
 from .base import Method, Plan
 from .registry import register
 
-#: Default anchor spacing by stream/compute precision, chosen from the measurements in docs/meft.md.
-DEFAULT_ANCHOR_EVERY = {"fp32": 2, "bf16": 1}
+#: Default anchor spacing by precision and variant, chosen from the measurements in docs/meft.md:
+#: float32 MEFT1/2 every 2 blocks (gradients within ~3e-6 of autograd on MiniLM and SmolLM2),
+#: MEFT3 (error ~100x per block) and bf16 autocast every block (nothing reconstructed is used).
+DEFAULT_ANCHOR_EVERY = {("fp32", 1): 2, ("fp32", 2): 2, ("fp32", 3): 1, ("bf16", 1): 1, ("bf16", 2): 1, ("bf16", 3): 1}
 COUPLINGS = {1: (0.1, 1.0, True), 2: (1.0, 0.1, True), 3: (0.1, 0.1, False)}
 
 
@@ -58,8 +60,8 @@ class MeftConfig:
     reversible_layers: list[int] | None = None
     """Blocks that are reversible: a contiguous range ending at the top block; None = all. Blocks below run ordinary and frozen."""
     anchor_every: int | None = None
-    """Store the exact streams every k reversible blocks (0 = only the output, as in the paper; 1 = no reconstruction). None: 2 in float32, 1 under bf16 autocast (docs/meft.md)."""
-    max_reconstruction_error: float | None = 1e-3
+    """Store the exact streams every k reversible blocks (0 = only the output, as in the paper; 1 = no reconstruction). None: 2 for MEFT1/2 in float32, else 1 (MEFT3, bf16 autocast); see docs/meft.md."""
+    max_reconstruction_error: float | None = 1e-4
     """Bound on the relative error of reconstructed block inputs, measured at every anchor each step; None = no bound."""
     on_error: Literal["anchor", "stop"] = "anchor"
     """When the bound is exceeded: halve anchor_every for the following steps (anchor) or stop the run (stop)."""
@@ -198,7 +200,7 @@ class MeftRunner:
             h = self.ops.ordinary(layer, h, aux)
         if self.default_anchor is None:
             bf16 = torch.is_autocast_enabled(h.device.type) or h.dtype in (torch.bfloat16, torch.float16)
-            self.stack.anchor_every = DEFAULT_ANCHOR_EVERY["bf16" if bf16 else "fp32"]
+            self.stack.anchor_every = DEFAULT_ANCHOR_EVERY["bf16" if bf16 else "fp32", self.variant]
             self.default_anchor = self.stack.anchor_every  # fixed from the first call; tightened later if needed
         s1, s2 = self.stack.run(h, aux)
         if self.ops.family == "encoder":
@@ -420,10 +422,45 @@ def reconstruction_report(model="minilm", task=None, *, variants=(1, 2, 3), batc
                 out = m(**batch_t)
             out.loss.backward()
             errs = runner.stack.errors
-            top = max(errs)
-            report[prec][v] = [errs[i] for i in sorted(errs, reverse=True)] if top is not None else []
+            report[prec][v] = [errs[i] for i in sorted(errs, reverse=True)]
             del m
     return report
+
+
+def gradient_error_report(model="minilm", *, variants=(1, 2, 3), anchors=(0, 2, 3), batch: int = 2, length: int = 32,
+                          seed: int = 0) -> dict:
+    """Relative error of the adapter gradients of the reversible backward against ordinary
+    autograd on the same network (same dropout masks), for each variant and ``anchor_every``.
+    Returns ``{variant: {anchor_every: relative error}}``."""
+    import copy
+
+    from ..models import default_task_for, load_model_and_tokenizer, resolve_model_path
+
+    if isinstance(model, str):
+        base_model, tokenizer, _ = load_model_and_tokenizer(model, default_task_for(resolve_model_path(model)))
+    else:
+        base_model, tokenizer = model, None
+    batch_t = _inputs(base_model, tokenizer, batch, length, seed)
+
+    def grads(v, k, rev):
+        m = copy.deepcopy(base_model)
+        torch.manual_seed(seed)
+        apply_meft(m, MeftConfig(variant=v, anchor_every=k, reversible_backward=rev, max_reconstruction_error=None))
+        m.train()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        ps = adapter_parameters(m)
+        for p in ps:
+            p.requires_grad_(True)
+        torch.manual_seed(seed + 1)
+        m(**batch_t).loss.backward()
+        return torch.cat([p.grad.flatten() for p in ps])
+
+    out: dict = {}
+    for v in variants:
+        ref = grads(v, 0, False)
+        out[v] = {k: float((grads(v, k, True) - ref).norm() / ref.norm()) for k in anchors}
+    return out
 
 
 def saved_bytes_report(model="minilm", *, batch: int = 32, length: int = 128, variant: int = 1,
@@ -460,11 +497,11 @@ def saved_bytes_report(model="minilm", *, batch: int = 32, length: int = 128, va
     return result
 
 
-def main(argv=None) -> None:  # python -m layerwise.methods.meft [errors|memory] MODEL ...
+def main(argv=None) -> None:  # python -m layerwise.methods.meft errors|grads|memory [MODEL]
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m layerwise.methods.meft")
-    ap.add_argument("what", choices=["errors", "memory"])
+    ap.add_argument("what", choices=["errors", "grads", "memory"])
     ap.add_argument("model", nargs="?", default="minilm")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--length", type=int, default=None)
@@ -476,6 +513,11 @@ def main(argv=None) -> None:  # python -m layerwise.methods.meft [errors|memory]
         for prec, by_v in rep.items():
             for v, errs in by_v.items():
                 print(f"{prec} MEFT{v}: " + ", ".join(f"{e:.1e}" for e in errs))
+    elif args.what == "grads":
+        rep = gradient_error_report(args.model, batch=args.batch or 2, length=args.length or 32,
+                                    variants=tuple(int(v) for v in args.variants.split(",")))
+        for v, by_k in rep.items():
+            print(f"MEFT{v}: " + ", ".join(f"anchor_every={k}: {e:.1e}" for k, e in by_k.items()))
     else:
         rep = saved_bytes_report(args.model, batch=args.batch or 32, length=args.length or 128)
         print(json.dumps(rep))
