@@ -127,7 +127,7 @@ def test_lift_steps_change_only_active_block_and_state_stays_small():
 def test_keep_policy_restores_state_and_reset_drops_it():
     for policy in ("keep", "reset"):
         model = tiny_bert(layers=2)
-        trainer = make_trainer(model, {"name": "lift", "switch_every": 2}, batch_for(model), optimizer_state=policy)
+        trainer = make_trainer(model, {"name": "lift", "switch_every": 2, "schedule": "bottom_up"}, batch_for(model), optimizer_state=policy)
         block0 = trainer.method.anatomy.block_parameters(0)[0]
         for _ in range(6):  # block 0, block 1, block 0 again
             trainer.train_step()

@@ -25,7 +25,7 @@ def test_registry_names():
 
 
 def test_lift_bottom_up_and_top_down(anatomy):
-    up = make(anatomy, name="lift", switch_every=2)
+    up = make(anatomy, name="lift", switch_every=2, schedule="bottom_up")
     assert [up.plan(s).blocks for s in range(0, 10, 2)] == [(0,), (1,), (2,), (3,), (0,)]
     assert up.plan(1).blocks == (0,) and up.plan(0).head and not up.plan(0).embeddings
     down = make(anatomy, name="lift", switch_every=1, schedule="top_down")
@@ -33,7 +33,7 @@ def test_lift_bottom_up_and_top_down(anatomy):
 
 
 def test_lift_k_and_phase_policies(anatomy):
-    m = make(anatomy, name="lift", k=3, switch_every=1, embeddings="phase", head="phase")
+    m = make(anatomy, name="lift", k=3, switch_every=1, embeddings="phase", head="phase", schedule="bottom_up")
     plans = [m.plan(s) for s in range(4)]
     assert plans[0].embeddings and not plans[0].blocks and not plans[0].head
     assert plans[1].blocks == (0, 1, 2) and plans[2].blocks == (3,)
