@@ -133,6 +133,16 @@ def test_cut_respects_budget():
 # The method
 
 
+@pytest.fixture(scope="module")
+def bert_probe(tmp_path_factory):
+    """A probe.json for tiny_bert(layers=4), so method tests need not probe again."""
+    model = tiny_bert(layers=4)
+    folder = tmp_path_factory.mktemp("bert-probe")
+    probe = run_probe(model, find_anatomy(model), cls_batches(2), "classification")
+    (folder / "probe.json").write_text(json.dumps(probe))
+    return str(folder / "probe.json")
+
+
 def make_salf_trainer(model, method: dict, batch: dict, task: str = "classification", loader=None):
     anatomy = find_anatomy(model)
     m = create_method(method_config(method), anatomy, task=task, seed=0)
@@ -153,10 +163,10 @@ def block_names(model, anatomy, i):
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-def test_salf_trains_only_above_cut_and_saves_nothing_below():
+def test_salf_trains_only_above_cut_and_saves_nothing_below(bert_probe):
     batch = batch_for(tiny_bert(layers=4))
     model = tiny_bert(layers=4)
-    trainer = make_salf_trainer(model, {"name": "salf", "budget": 0.5, "samples": 64}, batch)
+    trainer = make_salf_trainer(model, {"name": "salf", "budget": 0.5, "probe": bert_probe}, batch)
     method = trainer.method
     assert method.cut == 2 and method.plan(0).blocks == (2, 3) and method.plan(0).head
     before = snapshot(model)
@@ -191,9 +201,9 @@ def test_salf_trains_only_above_cut_and_saves_nothing_below():
 
 def test_salf_probes_at_start_and_writes_probe_files(tmp_path):
     model = tiny_bert(layers=4)
-    trainer = make_salf_trainer(model, {"name": "salf", "samples": 48}, batch_for(model))
+    trainer = make_salf_trainer(model, {"name": "salf", "samples": 32}, batch_for(model))
     m = trainer.method
-    assert m.probe["samples"] == 48
+    assert m.probe["samples"] == 32
     assert m.cut == m.probe["recommendation"]["k_star"]
     extra = m.finish(tmp_path)
     assert extra["salf"]["cut"] == m.cut and extra["salf"]["train_blocks"] == list(range(m.cut, 4))
@@ -201,9 +211,9 @@ def test_salf_probes_at_start_and_writes_probe_files(tmp_path):
     assert (tmp_path / "probe.png").stat().st_size > 1000
 
 
-def test_salf_with_lora_trains_only_lora_in_chosen_blocks():
+def test_salf_with_lora_trains_only_lora_in_chosen_blocks(bert_probe):
     model = tiny_bert(layers=4)
-    raw = {"name": "salf", "budget": 0.5, "samples": 32, "adapter": "lora", "r": 2, "target_modules": ["query", "value"]}
+    raw = {"name": "salf", "budget": 0.5, "probe": bert_probe, "adapter": "lora", "r": 2, "target_modules": ["query", "value"]}
     trainer = make_salf_trainer(model, raw, batch_for(model))
     anatomy = trainer.method.anatomy
     before = snapshot(trainer.model)
@@ -238,11 +248,11 @@ def test_cli_probe_writes_json_and_png(tiny_bert_dir, cls_jsonl, tmp_path, capsy
     from layerwise.cli import main
 
     out = tmp_path / "probe"
-    args = ["probe", "--model", tiny_bert_dir, "--data", cls_jsonl, "--samples", "64", "--budget", "0.5",
+    args = ["probe", "--model", tiny_bert_dir, "--data", cls_jsonl, "--samples", "32", "--budget", "0.5",
             "--output", str(out), "--set", "data.max_length=32"]
     assert main(args) == 0
     probe = json.loads((out / "probe.json").read_text())
-    assert probe["samples"] == 64 and len(probe["deviation"]) == 5 and probe["budget"]["cut"] == 2
+    assert probe["samples"] == 32 and len(probe["deviation"]) == 5 and probe["budget"]["cut"] == 2
     assert {"fit", "gain", "recommendation", "cost"} <= set(probe)
     assert (out / "probe.png").stat().st_size > 1000
     assert "k*" in capsys.readouterr().out
