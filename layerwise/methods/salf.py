@@ -82,10 +82,15 @@ class Salf(Method):
             ctx = self.context
             if ctx is None or ctx.train_loader is None:
                 raise ConfigError("method salf needs training data to probe: run it through `layerwise train` or set method.probe to a probe.json")
-            probe = run_probe(
-                model, self.anatomy, sample_batches(ctx.train_loader, self.config.samples), self.task_name,
-                budget=self.config.budget, seed=self.seed,
-            )
+            import torch
+
+            # Iterating a DataLoader draws from the global RNG: keep the training's random stream
+            # (dropout, ...) exactly as without the probe, so salf == freeze on the same blocks.
+            with torch.random.fork_rng(devices=[]):
+                probe = run_probe(
+                    model, self.anatomy, sample_batches(ctx.train_loader, self.config.samples), self.task_name,
+                    budget=self.config.budget, seed=self.seed,
+                )
             print(format_table(probe))
             self._set_probe(probe)
         if self.config.adapter == "lora":
