@@ -110,6 +110,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     _run(prof_cmd, out / "runs" / "profile.log")
     profile = json.loads((out / "profile.json").read_text())
 
+    load_start = os.getloadavg()
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(args.repeats):
         # Interleave methods within each repeat so drift in machine load hits all of them alike.
@@ -153,6 +154,13 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         "seq_len": args.seq_len,
         "repeats": args.repeats,
         "profile": profile["profile"],
+        # Shared machines are noisy: say how busy this one was, and how OpenMP threads waited
+        # (busy-waiting threads slow down several-fold when other processes compete for the cores).
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "results.md").write_text(render_markdown(meta, results))
