@@ -24,6 +24,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--output", help="run folder (must not exist or be empty)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4 or method.k=2")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest complete checkpoint, with its config.yaml")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="save a checkpoint after STEP optimizer steps and stop (exit 0); continue with --resume")
 
 
 def _bench_parser(sub) -> None:
@@ -81,12 +83,35 @@ def build_raw_config(args) -> dict:
     return raw
 
 
+def _resume_config(args) -> dict:
+    from pathlib import Path
+
+    from .config import load_yaml
+    from .errors import ConfigError
+
+    given = [flag for flag, v in (("config", args.config), ("--method", args.method), ("--model", args.model), ("--data", args.data),
+                                  ("--max-steps", args.max_steps), ("--output", args.output), ("--set", args.overrides)) if v]
+    if given:
+        raise ConfigError(f"--resume continues a run with its own config.yaml: drop {', '.join(given)}")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume '{run_dir}': no config.yaml there; pass the folder of a run started by `layerwise train`")
+    raw = load_yaml(run_dir / "config.yaml")
+    raw["output"] = str(run_dir)  # the folder may have moved since
+    return raw
+
+
 def cmd_train(args) -> int:
     from .config import resolve
-    from .run import train
+    from .run import TrainingStopped, train
 
-    cfg, mcfg = resolve(build_raw_config(args))
-    train(cfg, mcfg)
+    cfg, mcfg = resolve(_resume_config(args) if args.resume else build_raw_config(args))
+    try:
+        train(cfg, mcfg, resume=bool(args.resume), stop_at=args.stop_at)
+    except TrainingStopped as stop:
+        # A signal: 128 + its number (130 SIGINT, 143 SIGTERM), as a shell reports it: the run did not finish.
+        print(f"layerwise: {stop}", file=sys.stderr)
+        return 128 + stop.signum if stop.signum is not None else 0
     return 0
 
 

@@ -45,9 +45,19 @@ class TrainConfig:
     eval_after: bool = True
     log_every: int = 10
     save_model: bool = True
+    save_every: int = 0
+    """Write a checkpoint (RUN/checkpoints/step-N, for --resume) every N optimizer steps; 0 = only at the end or on a stop."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted after each save)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.save_every < 0:
+            raise ConfigError(f"config key 'train.save_every': {self.save_every} must be 0 (only at the end) or a number of steps")
+        if self.keep_last < 1:
+            raise ConfigError(f"config key 'train.keep_last': {self.keep_last} must be at least 1")
 
 
 @dataclass

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from .anatomy import UnsupportedModelError, find_anatomy
 from .config import RunConfig, to_dict
 from .data import load_splits, make_loader, tokenize_splits
 from .engine import Trainer, evaluate, resolve_device
-from .engine.trainer import batches_forever
+from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from .engine.trainer import BatchStream
 from .errors import ConfigError, ModelError
 from .methods import create_method
 from .methods.base import RunContext
@@ -38,17 +42,87 @@ def _check_output(path: Path) -> None:
         raise ConfigError(f"output folder '{path}' already exists and is not empty: pass a new --output (nothing was overwritten)")
 
 
-class Run:
-    """Holds everything a run needs once the input has been validated."""
+class TrainingStopped(Exception):
+    """The run stopped early on request (a signal, or ``stop_at``) after saving a checkpoint.
 
-    def __init__(self, cfg: RunConfig, mcfg, *, log=print):
+    ``signum`` is the signal (None for ``stop_at``); the CLI exits with 128 + signum, or 0.
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path, signum: int | None = None):
+        super().__init__(message)
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step boundary); a second one stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"layerwise: {signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+            "(send it again to stop at once without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows written after checkpoint ``step`` (and a torn last line), so a resumed run appends, never duplicates."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class Run:
+    """Holds everything a run needs once the input has been validated.
+
+    ``resume=True`` continues the run in ``cfg.output`` from its newest complete checkpoint;
+    ``stop_at=N`` saves a checkpoint after step N and raises :class:`TrainingStopped`.
+    """
+
+    def __init__(self, cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None):
         self.cfg = cfg
         self.mcfg = mcfg
         self.log = log
+        self.resume = resume
+        self.stop_at = stop_at
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.output = Path(cfg.output) if cfg.output else default_output(cfg)
-        _check_output(self.output)
+        self.checkpoint = None
+        if resume:
+            self.checkpoint = find_latest(self.output, log=log)
+            if self.checkpoint is None:
+                raise ConfigError(f"run folder '{self.output}' has no complete checkpoint to resume from: start a new run instead")
+        else:
+            _check_output(self.output)
 
         model_path = resolve_model_path(cfg.model)
         self.task = cfg.task or default_task_for(model_path)
@@ -99,15 +173,23 @@ class Run:
     def execute(self) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
         train_loader, eval_loader = self.loaders()
-        trainer = Trainer(self.model, self.method, tcfg, batches_forever(train_loader), device=self.device)
+        trainer = Trainer(self.model, self.method, tcfg, BatchStream(train_loader), device=self.device)
         out = self.output
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = to_dict(cfg)
-        resolved["method"] = to_dict(self.mcfg)
-        resolved["task"] = self.task
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        loop_state = None
+        if self.checkpoint is not None:
+            loop_state = load_checkpoint(self.checkpoint, trainer)
+            if trainer.step_index >= tcfg.max_steps and (out / "summary.json").exists():
+                raise ConfigError(f"run '{out}' is complete ({trainer.step_index} of {tcfg.max_steps} steps): nothing to resume")
+            _truncate_metrics(out / "metrics.jsonl", trainer.step_index)
+            self.log(f"resuming from {self.checkpoint} (step {trainer.step_index} of {tcfg.max_steps})")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = to_dict(cfg)
+            resolved["method"] = to_dict(self.mcfg)
+            resolved["task"] = self.task
+            (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         try:
-            summary = self._train(trainer, eval_loader, out)
+            summary = self._train(trainer, eval_loader, out, loop_state)
         except BaseException:
             # A run that did not finish leaves no summary or model that could be mistaken for results.
             for name in ("summary.json", "model"):
@@ -119,21 +201,38 @@ class Run:
             raise
         return summary
 
-    def _train(self, trainer: Trainer, eval_loader, out: Path) -> dict:
+    def _train(self, trainer: Trainer, eval_loader, out: Path, loop_state: dict | None = None) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
         metric = "accuracy" if self.task == "classification" else "loss"
-        eval_before = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_before else None
-        if eval_before:
-            self.log(f"held-out {metric} before: {eval_before[metric]:.4f}")
+        if loop_state is not None:
+            eval_before = loop_state.get("eval_before")
+        else:
+            eval_before = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_before else None
+            if eval_before:
+                self.log(f"held-out {metric} before: {eval_before[metric]:.4f}")
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tcfg.max_steps, desc=f"{self.method.name}", disable=not tcfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=tcfg.max_steps, initial=trainer.step_index, desc=f"{self.method.name}", disable=not tcfg.progress, dynamic_ncols=True)
         trainer.peak_memory.reset()
         window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
         first_step_seconds = 0.0
         first_step_tokens = 0
-        with open(out / "metrics.jsonl", "w") as metrics:
-            for _ in range(tcfg.max_steps):
+        if loop_state:
+            window_loss, window_tokens, window_seconds, window_n = (loop_state[k] for k in ("window_loss", "window_tokens", "window_seconds", "window_n"))
+            first_step_seconds, first_step_tokens = loop_state["first_step_seconds"], loop_state["first_step_tokens"]
+        saved_step = trainer.step_index if loop_state is not None else -1
+        path = self.checkpoint
+
+        def checkpoint():
+            state = {
+                "window_loss": window_loss, "window_tokens": window_tokens, "window_seconds": window_seconds, "window_n": window_n,
+                "first_step_seconds": first_step_seconds, "first_step_tokens": first_step_tokens, "eval_before": eval_before,
+            }
+            return save_checkpoint(out, trainer, loop_state=state, keep_last=tcfg.keep_last)
+
+        resume_hint = f"resume with: layerwise train --resume {out}"
+        with open(out / "metrics.jsonl", "a") as metrics, _StopSignals() as stop:
+            while trainer.step_index < tcfg.max_steps:
                 rec = trainer.train_step()
                 if rec.step == 0:
                     first_step_seconds, first_step_tokens = rec.seconds, rec.tokens
@@ -157,6 +256,19 @@ class Run:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
+                step = trainer.step_index
+                stopping = stop.signum is not None or step == self.stop_at
+                if (tcfg.save_every and step % tcfg.save_every == 0) or stopping or step == tcfg.max_steps:
+                    if saved_step != step:
+                        path = checkpoint()
+                        saved_step = step
+                if stopping and step < tcfg.max_steps:
+                    bar.close()
+                    why = signal.Signals(stop.signum).name if stop.signum is not None else f"stop_at={self.stop_at}"
+                    raise TrainingStopped(
+                        f"stopped after step {step} of {tcfg.max_steps} ({why}); checkpoint {path}; {resume_hint}",
+                        step=step, checkpoint=path, signum=stop.signum,
+                    )
         bar.close()
         peak_process = trainer.peak_memory.peak_bytes()
         totals = trainer.totals
@@ -225,5 +337,6 @@ class Run:
         os.replace(tmp, out / "model")
 
 
-def train(cfg: RunConfig, mcfg, *, log=print) -> dict:
-    return Run(cfg, mcfg, log=log).execute()
+def train(cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Run (or, with ``resume``, continue) a training run; raises :class:`TrainingStopped` on a graceful stop."""
+    return Run(cfg, mcfg, log=log, resume=resume, stop_at=stop_at).execute()

@@ -60,6 +60,68 @@ def batches_forever(make_loader: Callable[[int], torch.utils.data.DataLoader]) -
         epoch += 1
 
 
+class BatchStream:
+    """Endless, resumable batches: epoch ``e`` comes from ``make_loader(e)`` (seeded, so the order is
+    reproducible), and ``state_dict()`` records the epoch and how many of its batches were handed out.
+    ``load_state_dict()`` makes the next batch the one after that position: the epoch's loader is
+    re-created and its :class:`~layerwise.data.SeededSampler` skips the consumed examples (without
+    collating them); a loader without a resumable sampler has its consumed batches drawn and dropped.
+    """
+
+    def __init__(self, make_loader: Callable[[int], torch.utils.data.DataLoader]):
+        self.make_loader = make_loader
+        self.epoch = 0
+        self.batch = 0
+        self._it: Iterator[dict] | None = None
+
+    def __iter__(self):
+        return self
+
+    def _open(self) -> Iterator[dict]:
+        loader = self.make_loader(self.epoch)
+        skip = self.batch
+        if not skip:
+            return iter(loader)
+        # Re-opening an epoch mid-way (resume): the DataLoader draws its base seed from the global
+        # RNG when an iterator is made; the interrupted run drew it at the epoch's start, so this
+        # draw must not happen again or every later random number (dropout) would shift.
+        rng = torch.get_rng_state()
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "load_state_dict") and hasattr(sampler, "state_dict") and loader.batch_size:
+            state = dict(sampler.state_dict())
+            state["position"] = min(skip * loader.batch_size, len(sampler))
+            sampler.load_state_dict(state)
+            it = iter(loader)
+        else:
+            it = iter(loader)
+            for _ in range(skip):
+                if next(it, None) is None:
+                    break
+        torch.set_rng_state(rng)
+        return it
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._open()
+            batch = next(self._it, None)
+            if batch is not None:
+                self.batch += 1
+                return batch
+            fresh = self.batch == 0
+            self._it, self.epoch, self.batch = None, self.epoch + 1, 0
+            if fresh:
+                break
+        raise RuntimeError("the training data loader produced no batches")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._it = None
+
+
 class Trainer:
     """Runs a :class:`Method` on a model. ``train_batches`` yields dicts of tensors that the
     model accepts as keyword arguments (including ``labels``)."""
@@ -106,6 +168,8 @@ class Trainer:
         self.totals = Totals()
         self.switches = 0
         self.max_trainable = sum(p.numel() for p in self.optimizer.active)
+        #: Every parameter that has been trainable so far (by id): all a checkpoint must hold besides buffers.
+        self.touched: set[int] = {id(p) for p in self.optimizer.active}
         self.peak_memory = PeakMemory(self.device)
         method.attach(self)
 
@@ -122,6 +186,7 @@ class Trainer:
         self.plan = plan
         self.switches += 1
         self.max_trainable = max(self.max_trainable, sum(p.numel() for p in self.optimizer.active))
+        self.touched.update(id(p) for p in self.optimizer.active)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
