@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from .config import RunConfig, to_dict
 from .data import load_splits, make_loader, tokenize_splits
 from .engine import Trainer, evaluate, resolve_device
 from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from .engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
 from .engine.trainer import BatchStream
 from .errors import ConfigError, ModelError
 from .methods import create_method
@@ -115,6 +117,13 @@ class Run:
         self.stop_at = stop_at
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
+        # Data parallel (torchrun / accelerate launch): (rank, world) or None; rank 0 writes the run folder.
+        self.dist = init_distributed(self.device)
+        self.rank = self.dist[0] if self.dist else 0
+        if self.rank:
+            self.log = log = lambda *a, **k: None
+        if self.dist and cfg.output is None:
+            raise ConfigError("a distributed run needs --output (every process must agree on the run folder)")
         self.output = Path(cfg.output) if cfg.output else default_output(cfg)
         self.checkpoint = None
         if resume:
@@ -123,6 +132,8 @@ class Run:
                 raise ConfigError(f"run folder '{self.output}' has no complete checkpoint to resume from: start a new run instead")
         else:
             _check_output(self.output)
+        if self.dist:
+            torch.distributed.barrier()  # every rank has checked the folder before rank 0 creates it
 
         model_path = resolve_model_path(cfg.model)
         self.task = cfg.task or default_task_for(model_path)
@@ -173,8 +184,16 @@ class Run:
     def execute(self) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
         train_loader, eval_loader = self.loaders()
-        trainer = Trainer(self.model, self.method, tcfg, BatchStream(train_loader), device=self.device)
+        stream = BatchStream(train_loader)
+        if self.dist:
+            stream = ShardedStream(stream, *self.dist)
+        trainer = Trainer(self.model, self.method, tcfg, stream, device=self.device)
         out = self.output
+        if self.dist:
+            trainer.grad_sync = ActiveGradSync(self.dist[1])
+            if self.rank:
+                # Other ranks train the same way and write into a scratch folder, removed at the end.
+                out = Path(tempfile.mkdtemp(prefix=f"layerwise-rank{self.rank}-"))
         loop_state = None
         if self.checkpoint is not None:
             loop_state = load_checkpoint(self.checkpoint, trainer)
@@ -199,6 +218,9 @@ class Run:
                 elif p.exists():
                     p.unlink()
             raise
+        finally:
+            if self.rank:
+                shutil.rmtree(out, ignore_errors=True)
         return summary
 
     def _train(self, trainer: Trainer, eval_loader, out: Path, loop_state: dict | None = None) -> dict:
@@ -258,6 +280,11 @@ class Run:
                     window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
                 step = trainer.step_index
                 stopping = stop.signum is not None or step == self.stop_at
+                if self.dist:
+                    # Ranks may see a signal at different steps: stop together or not at all.
+                    flag = torch.tensor([1.0 if stopping else 0.0])
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    stopping = bool(flag.item())
                 if (tcfg.save_every and step % tcfg.save_every == 0) or stopping or step == tcfg.max_steps:
                     if saved_step != step:
                         path = checkpoint()
@@ -314,7 +341,18 @@ class Run:
             f"peak process memory {peak_process / 2**20:.0f} MiB"
         )
         summary.update(self.method.finish(out))
-        if tcfg.save_model:
+        if self.dist:
+            digests = gather_digests(trainer.model, self.dist[1])
+            sync = trainer.grad_sync
+            summary["distributed"] = {
+                "world_size": self.dist[1],
+                "mechanism": "all_reduce of the active parameters' gradients (flat buckets)",
+                "weights_identical": len(set(digests)) == 1,
+                "weights_sha256": digests,
+                "grad_sync_bytes_per_rank": sync.bytes,
+                "grad_sync_seconds": sync.seconds,
+            }
+        if tcfg.save_model and not self.rank:
             self.save_model(trainer.model, out)
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))

@@ -170,6 +170,9 @@ class Trainer:
         self.max_trainable = sum(p.numel() for p in self.optimizer.active)
         #: Every parameter that has been trainable so far (by id): all a checkpoint must hold besides buffers.
         self.touched: set[int] = {id(p) for p in self.optimizer.active}
+        #: Data parallel: ``grad_sync(active_params, loss) -> loss`` averages the active gradients (and
+        #: the loss) over ranks after backward (:class:`~layerwise.engine.distributed.ActiveGradSync`).
+        self.grad_sync = None
         self.peak_memory = PeakMemory(self.device)
         method.attach(self)
 
@@ -210,6 +213,8 @@ class Trainer:
             total_loss += float(loss.detach())
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             samples += batch["input_ids"].shape[0]
+        if self.grad_sync is not None:
+            total_loss = self.grad_sync(self.optimizer.active, total_loss)
         if not math.isfinite(total_loss):
             raise FloatingPointError(
                 f"loss is {total_loss} at step {self.step_index} (training {self.plan.describe()}): lower train.lr or enable train.max_grad_norm"
