@@ -52,8 +52,18 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     progress: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop the run (naming the step and blocks), or skip that optimizer step."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop after this many skipped steps in a row."""
+    memory_check: bool = True
+    """Before training, refuse a run whose estimated peak memory exceeds the free device memory (RAM on CPU)."""
+    disk_check: bool = True
+    """Before training, refuse a run whose model and checkpoints would not fit on the output disk."""
 
     def validate(self) -> None:
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"config key 'train.max_skipped_steps': {self.max_skipped_steps} must be at least 1")
         if self.save_every < 0:
             raise ConfigError(f"config key 'train.save_every': {self.save_every} must be 0 (only at the end) or a number of steps")
         if self.keep_last < 1:

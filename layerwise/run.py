@@ -239,6 +239,7 @@ class Run:
         window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
         first_step_seconds = 0.0
         first_step_tokens = 0
+        window_skipped = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip) in this metrics window
         if loop_state:
             window_loss, window_tokens, window_seconds, window_n = (loop_state[k] for k in ("window_loss", "window_tokens", "window_seconds", "window_n"))
             first_step_seconds, first_step_tokens = loop_state["first_step_seconds"], loop_state["first_step_tokens"]
@@ -258,7 +259,8 @@ class Run:
                 rec = trainer.train_step()
                 if rec.step == 0:
                     first_step_seconds, first_step_tokens = rec.seconds, rec.tokens
-                window_loss += rec.loss
+                window_loss += rec.loss if not rec.skipped else 0.0
+                window_skipped += rec.skipped
                 window_tokens += rec.tokens
                 window_seconds += rec.seconds
                 window_n += 1
@@ -267,17 +269,19 @@ class Run:
                 if window_n >= tcfg.log_every or rec.step == tcfg.max_steps - 1:
                     row = {
                         "step": rec.step + 1,
-                        "loss": window_loss / window_n,
+                        "loss": window_loss / (window_n - window_skipped) if window_n > window_skipped else None,
                         "lr": rec.lr,
                         "active": rec.plan.describe(),
                         "active_blocks": list(rec.plan.blocks),
                         "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
                         "bytes": rec.bytes,
+                        **({"skipped_steps": trainer.skipped_steps} if trainer.skipped_steps else {}),
                         **self.method.log_values(),
                     }
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
+                    window_skipped = 0
                 step = trainer.step_index
                 stopping = stop.signum is not None or step == self.stop_at
                 if self.dist:
@@ -331,6 +335,7 @@ class Run:
             "trainable_parameters_max": trainer.max_trainable,
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "switches": trainer.switches,
+            "skipped_steps": trainer.skipped_steps,
             "eval_before": eval_before,
             "eval": eval_after,
         }
