@@ -61,6 +61,7 @@ def _run(cmd: list[str], log_path: Path) -> None:
 
 def run_bench(args, base_raw: dict) -> list[dict]:
     from .config import resolve
+    from .guards import inside
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -103,7 +104,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     (out / "configs").mkdir()
     (out / "runs").mkdir()
     for name, raw in raws.items():
-        (out / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        inside(out / "configs", f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
     print(f"profiling per-block cost on {model_spec} (batch {args.batch_size} x {args.seq_len})", flush=True)
     prof_cmd = [sys.executable, "-m", "layerwise.profile_cli", str(out / "configs" / f"{methods[0]}.yaml"), "--methods", ",".join(methods), "--steps", str(args.steps), "--output", str(out / "profile.json")]

@@ -129,9 +129,32 @@ def cmd_probe(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other bad input (``--help`` still prints the full usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"layerwise: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected error to a log file; return its path."""
+    import tempfile
+    import time
+    import traceback
+
+    path = os.path.join(tempfile.gettempdir(), f"layerwise-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    try:
+        with open(path, "w") as f:
+            f.write(f"layerwise {' '.join(sys.argv[1:])}\n")
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+    except OSError:
+        return "(could not write a log)"
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _bench_parser(sub)
     _probe_parser(sub)
@@ -150,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerwise: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an input no check caught: one line, the traceback in a log
+        msg = " ".join(str(exc).split()) or "(no message)"
+        if len(msg) > 300:
+            msg = msg[:300] + "..."
+        print(f"layerwise: error: unexpected {type(exc).__name__}: {msg} (traceback in {_crash_log(exc)})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

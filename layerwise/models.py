@@ -289,6 +289,26 @@ def _ensure_pad(tokenizer, spec: str) -> None:
     raise ModelError(f"the tokenizer of '{spec}' has no pad, eos or unk token to pad batches with: add a pad_token to its tokenizer_config.json")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(path: str | Path, spec: str | None = None) -> None:
+    """Raise ModelError when the folder's weights exist only as pickle files (``pytorch_model.bin``, ``.pt``...).
+
+    Unpickling runs arbitrary code, so layerwise loads safetensors only; a folder that has
+    ``*.safetensors`` is fine (its pickles, e.g. ``training_args.bin``, are never opened).
+    """
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"model folder '{spec or path}' has weights only as pickle files ({', '.join(pickles[:3])}), which can run code when loaded: "
+            f"layerwise loads safetensors only; convert them in a process you trust (save_pretrained(..., safe_serialization=True))"
+        )
+
+
 def load_model_and_tokenizer(
     spec: str,
     task: str,
@@ -311,7 +331,13 @@ def load_model_and_tokenizer(
     if task not in TASKS:
         raise ModelError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
     path = resolve_model_path(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": trust_remote_code, "output_loading_info": True}
+    refuse_pickle_weights(path, spec)
+    if trust_remote_code:
+        print(f"layerwise: trust_remote_code is ON for {spec}: code from that folder will run", file=sys.stderr, flush=True)
+    # Weights from safetensors only: a pickle (.bin/.pt) can run code when it is loaded.
+    kwargs: dict[str, Any] = {
+        "dtype": dtype, "local_files_only": True, "trust_remote_code": trust_remote_code, "output_loading_info": True, "use_safetensors": True,
+    }
     if task == "classification":
         if label_names:
             num_labels = len(label_names)

@@ -120,3 +120,169 @@ def test_skipped_step_leaves_weights_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert not trainer.train_step().skipped and trainer.consecutive_skips == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and disk guards
+
+
+def test_memory_guard_refuses_with_estimate_and_what_fits(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
+    import layerwise.guards as guards
+
+    calls = []
+
+    def tight(device):
+        calls.append(device)
+        return 40 * 2**20, "available RAM (MemAvailable)"  # room for the optimizer state and a few examples, not 64
+
+    monkeypatch.setattr(guards, "available_memory", tight)
+    out = tmp_path / "run"
+    assert main(args(tiny_bert_dir, cls_jsonl, out, 2, "--set", "train.batch_size=64", "--set", "data.max_length=128")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("layerwise: error: the run needs about"), err
+    assert "available RAM (MemAvailable) is 40.0 MiB" in err[0] and "train.batch_size=" in err[0] and "would fit" in err[0], err
+    assert calls and not out.exists()
+    # Turned off, the same run trains.
+    assert main(args(tiny_bert_dir, cls_jsonl, out, 1, "--set", "train.memory_check=false", "--set", "train.save_model=false")) == 0
+
+
+def test_memory_guard_when_not_even_batch_one_fits(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
+    import layerwise.guards as guards
+
+    monkeypatch.setattr(guards, "available_memory", lambda device: (1000, "free memory on cuda:0"))
+    assert main(args(tiny_bert_dir, cls_jsonl, tmp_path / "run", 2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "even batch size 1 does not fit" in err[0] and "lora" in err[0], err
+
+
+def test_estimate_tracks_the_trainable_set(tiny_bert_dir, cls_jsonl):
+    from conftest import tiny_bert
+
+    from layerwise.anatomy import find_anatomy
+    from layerwise.config import resolve
+    from layerwise.guards import estimate
+
+    sizes = {}
+    for method in ({"name": "full"}, {"name": "lift"}, {"name": "freeze", "top": 1}):
+        cfg, mcfg = resolve({"method": method, "train": {"max_steps": 40, "batch_size": 2}})
+        model = tiny_bert()
+        from layerwise.methods import create_method
+
+        m = create_method(mcfg, find_anatomy(model), task="classification", max_steps=40)
+        before = torch.get_rng_state()
+        est = estimate(model, m, cfg, "classification")
+        assert torch.equal(before, torch.get_rng_state())  # sampling the plans draws no random numbers
+        sizes[method["name"]] = est
+    full = sizes["full"]
+    assert full.trainable_max == sum(p.numel() for p in tiny_bert().parameters())
+    assert full.optimizer == 8 * full.trainable_max and full.grads == 4 * full.trainable_max
+    # LIFT trains one block at a time (like freeze top=1) but touches every block over the run: bigger checkpoints.
+    assert sizes["freeze"].trainable_max == sizes["lift"].trainable_max < full.trainable_max
+    assert sizes["freeze"].checkpoint < sizes["lift"].checkpoint < full.checkpoint
+    assert full.activations == 2 * full.activations_per_example > 0
+
+
+def test_disk_guard_refuses_before_training(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
+    import layerwise.guards as guards
+
+    seen = []
+
+    def free(path):
+        seen.append(path)
+        return 1_000_000  # 1 MB: the tiny model alone is ~4 MB
+
+    monkeypatch.setattr(guards, "free_disk", free)
+    out = tmp_path / "run"
+    assert main(args(tiny_bert_dir, cls_jsonl, out, 2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output disk" in err[0] and "final model" in err[0] and "checkpoint" in err[0], err
+    assert not out.exists() and seen[0] == out
+
+
+# ---------------------------------------------------------------------------------------------
+# Security
+
+
+class _Payload:
+    """Unpickling this opens (creates) the marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _malicious_model(src: str, folder, marker) -> None:
+    import pickle
+    import shutil
+
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(src) / f).exists():
+            shutil.copy(Path(src) / f, folder / f)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"bert.embeddings.word_embeddings.weight": _Payload(marker)}))
+
+
+from pathlib import Path  # noqa: E402
+
+
+def test_malicious_pickle_checkpoint_is_refused(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "evil-model"
+    _malicious_model(tiny_bert_dir, folder, marker)
+    # The payload is live: unpickling it does create the marker.
+    probe = tmp_path / "probe-marker"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+
+    out = tmp_path / "run"
+    assert main(args(str(folder), cls_jsonl, out, 1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pickle" in err[0] and "safetensors" in err[0], err
+    assert not marker.exists() and not out.exists()
+
+    # Without the folder check, loading still goes through safetensors only and never unpickles.
+    import layerwise.models as models
+    from layerwise.errors import ModelError
+
+    monkeypatch.setattr(models, "refuse_pickle_weights", lambda path, spec=None: None)
+    with pytest.raises(ModelError):
+        models.load_model_and_tokenizer(str(folder), "classification")
+    assert not marker.exists()
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    import re
+
+    import layerwise
+
+    root = Path(layerwise.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        for call in re.finditer(r"torch\.load\(", text):
+            args_text = text[call.end(): call.end() + 300]
+            assert "weights_only=True" in args_text.split(")")[0] + args_text, f"{path}: torch.load without weights_only=True"
+
+
+def test_trust_remote_code_is_logged(tiny_bert_dir, capsys):
+    from layerwise.models import load_model_and_tokenizer
+
+    load_model_and_tokenizer(tiny_bert_dir, "classification")
+    assert "trust_remote_code" not in capsys.readouterr().err
+    load_model_and_tokenizer(tiny_bert_dir, "classification", trust_remote_code=True)
+    err = capsys.readouterr().err
+    assert f"trust_remote_code is ON for {tiny_bert_dir}: code from that folder will run" in err
+
+
+def test_config_names_cannot_escape_the_folder(tmp_path):
+    from layerwise.errors import ConfigError
+    from layerwise.guards import inside
+
+    assert inside(tmp_path, "lift.yaml") == tmp_path.resolve() / "lift.yaml"
+    for bad in ("../x.yaml", "/etc/passwd", "a/b", "..", "", "."):
+        with pytest.raises(ConfigError):
+            inside(tmp_path, bad)
