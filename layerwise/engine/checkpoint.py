@@ -236,6 +236,8 @@ def save_checkpoint(
         "data": stream.state_dict(),
         "plan": {"blocks": list(plan.blocks), "embeddings": plan.embeddings, "head": plan.head},
         "switches": trainer.switches,
+        "skipped_steps": getattr(trainer, "skipped_steps", 0),
+        "consecutive_skips": getattr(trainer, "consecutive_skips", 0),
         "max_trainable": trainer.max_trainable,
         "touched": sorted(names[i] for i in trainer.touched if i in names),
         "totals": {"steps": totals.steps, "tokens": totals.tokens, "samples": totals.samples, "seconds": totals.seconds, "peak": dict(totals.peak)},
@@ -397,6 +399,9 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
     trainer.plan = Plan(tuple(p["blocks"]), embeddings=p["embeddings"], head=p["head"])
     trainer.step_index = state["step"]
     trainer.switches = state["switches"]
+    for key in ("skipped_steps", "consecutive_skips"):  # train.on_nonfinite=skip counters
+        if hasattr(trainer, key):
+            setattr(trainer, key, state.get(key, 0))
     trainer.max_trainable = state["max_trainable"]
     trainer.touched = {id(param(n)) for n in state["touched"]}
     t = state["totals"]
