@@ -65,14 +65,22 @@ class Profile:
     input_only_fraction: float
     step_seconds: float
     total_params: int
+    forward_blocks_eval: list[float] | None = None
+    """Forward time of each block in eval mode (no dropout): what a block that does not train
+    costs when ``train.frozen_dropout`` is off."""
 
     @property
     def forward(self) -> float:
         return self.forward_embeddings + sum(self.forward_blocks) + self.forward_head
 
-    def predict(self, plan: Plan, trainable_params: int, adapter_only: bool = False) -> float:
-        """Predicted seconds for one optimizer step under ``plan``."""
+    def predict(self, plan: Plan, trainable_params: int, adapter_only: bool = False, frozen_eval: bool = False) -> float:
+        """Predicted seconds for one optimizer step under ``plan``; ``frozen_eval``: blocks
+        outside the plan run their forward in eval mode."""
         t = self.forward
+        if frozen_eval and self.forward_blocks_eval:
+            for i, (f_train, f_eval) in enumerate(zip(self.forward_blocks, self.forward_blocks_eval)):
+                if i not in plan.blocks:
+                    t += f_eval - f_train
         lowest = plan.lowest
         if lowest is None and not plan.head:
             return t + self.optimizer_per_param * trainable_params
@@ -101,6 +109,14 @@ def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[flo
     """Backward time of one block with weight-only and input-only gradients, as fractions of full."""
     params = [p for p in block.parameters()]
     saved = [p.requires_grad for p in params]
+    # Captured inputs may hang on the profiled step's (freed) graph: use detached copies.
+    det = lambda v: v.detach() if torch.is_tensor(v) else (type(v)(det(u) for u in v) if isinstance(v, tuple) else v)  # noqa: E731
+    args, kwargs = tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}
+    for key, value in list(kwargs.items()):
+        if key in ("past_key_values", "past_key_value", "cache") or type(value).__name__.endswith("Cache"):
+            kwargs[key] = None  # a KV cache from the profiled step would grow (and hold its graph)
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
     which, x0 = _first_tensor(args, kwargs)
 
     def timed(x_grad: bool, w_grad: bool) -> float:
@@ -206,6 +222,20 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
                     step=t3 - t0,
                 )
             )
+        # Forward of every block in eval mode (no dropout), for blocks that do not train.
+        model.eval()
+        eval_rows = []
+        with torch.no_grad():
+            for rep in range(reps + 1):
+                fwd_log.clear()
+                if ctx:
+                    with ctx():
+                        model(**batch)
+                else:
+                    model(**batch)
+                if rep:
+                    eval_rows.append([fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)])
+        model.train()
     finally:
         for h in handles:
             h.remove()
@@ -230,10 +260,11 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         input_only_fraction=r_in,
         step_seconds=med("step"),
         total_params=n,
+        forward_blocks_eval=[statistics.median(r[i] for r in eval_rows) for i in range(L)],
     )
 
 
-def predicted_speedup(profile: Profile, method: Method, steps: int) -> dict:
+def predicted_speedup(profile: Profile, method: Method, steps: int, frozen_eval: bool = False) -> dict:
     """Ideal tokens/s ratio of ``method`` over full fine-tuning, averaged over its plans for ``steps`` steps."""
     full_plan = Plan(tuple(range(len(profile.backward_blocks))), embeddings=True, head=True)
     t_full = profile.predict(full_plan, profile.total_params)
@@ -243,7 +274,7 @@ def predicted_speedup(profile: Profile, method: Method, steps: int) -> dict:
         plan = method.plan(s)
         if plan not in cache:
             n = sum(p.numel() for p in method.parameters(plan))
-            cache[plan] = profile.predict(plan, n, adapter_only=method.adapter_only)
+            cache[plan] = profile.predict(plan, n, adapter_only=method.adapter_only, frozen_eval=frozen_eval)
         times.append(cache[plan])
     t_method = sum(times) / max(len(times), 1)
     return {"predicted_step_seconds": t_method, "predicted_full_step_seconds": t_full, "predicted_speedup": t_full / t_method}

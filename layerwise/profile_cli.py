@@ -48,7 +48,7 @@ def main() -> None:
         _, m_cfg = resolve(mraw)
         method = create_method(m_cfg, anatomy, task=run.task, seed=cfg.train.seed, max_steps=args.steps)
         # Step 0 is not timed in the bench, so it is left out here too.
-        pred = predicted_speedup(prof, method, args.steps)
+        pred = predicted_speedup(prof, method, args.steps, frozen_eval=not cfg.train.frozen_dropout)
         methods[name] = pred
     with open(args.output, "w") as f:
         json.dump({"profile": prof.to_dict(), "methods": methods}, f, indent=2)

@@ -191,6 +191,22 @@ class Trainer:
         self.max_trainable = max(self.max_trainable, sum(p.numel() for p in self.optimizer.active))
         self.touched.update(id(p) for p in self.optimizer.active)
 
+    def apply_modes(self, plan: Plan) -> None:
+        """Train/eval mode per block: with ``frozen_dropout`` off, blocks (and embeddings) that
+        do not train this step run in eval mode. Re-applied every step because evaluation
+        resets every module to train mode."""
+        self.model.train()
+        if self.cfg.frozen_dropout:
+            return
+        anatomy = self.method.anatomy
+        active = set(plan.blocks)
+        for i, block in enumerate(anatomy.blocks):
+            if i not in active:
+                block.eval()
+        if not plan.embeddings:
+            for module in anatomy.embeddings:
+                module.eval()
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -199,6 +215,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.method.before_step(self.step_index)
         self.apply_plan(self.method.plan(self.step_index))
+        self.apply_modes(self.plan)
         total_loss = 0.0
         tokens = samples = 0
         activations = 0
