@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -46,10 +47,18 @@ def main() -> None:
     for name in args.methods.split(","):
         mraw = load_yaml(os.path.join(config_dir, f"{name}.yaml"))
         _, m_cfg = resolve(mraw)
-        method = create_method(m_cfg, anatomy, task=run.task, seed=cfg.train.seed, max_steps=args.steps)
-        # Step 0 is not timed in the bench, so it is left out here too.
-        pred = predicted_speedup(prof, method, args.steps, frozen_eval=not cfg.train.frozen_dropout)
-        methods[name] = pred
+        try:
+            method = create_method(m_cfg, anatomy, task=run.task, seed=cfg.train.seed, max_steps=args.steps)
+            if method.adapter_only:
+                # Adapter methods plan over the adapters they inject: prepare a copy of the model.
+                method.context = run.method.context
+                wrapped = method.prepare(copy.deepcopy(model))
+                if wrapped is not model:
+                    method.anatomy = find_anatomy(wrapped, cfg.blocks)
+            # Step 0 is not timed in the bench, so it is left out here too.
+            methods[name] = predicted_speedup(prof, method, args.steps, frozen_eval=not cfg.train.frozen_dropout)
+        except Exception as exc:  # the prediction is a side note: never lose the bench over it
+            methods[name] = {"predicted_speedup": None, "error": f"{type(exc).__name__}: {exc}"}
     with open(args.output, "w") as f:
         json.dump({"profile": prof.to_dict(), "methods": methods}, f, indent=2)
 
