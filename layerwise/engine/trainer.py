@@ -30,6 +30,8 @@ class StepRecord:
     tokens: int
     seconds: float
     bytes: dict
+    skipped: bool = False
+    """The loss or a gradient was not finite and the optimizer step was skipped (train.on_nonfinite=skip)."""
 
 
 @dataclass
@@ -174,6 +176,9 @@ class Trainer:
         #: the loss) over ranks after backward (:class:`~layerwise.engine.distributed.ActiveGradSync`).
         self.grad_sync = None
         self.peak_memory = PeakMemory(self.device)
+        #: Optimizer steps skipped for a non-finite loss or gradient (in all, and in a row now).
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
         method.attach(self)
 
     # ------------------------------------------------------------------------------------
@@ -210,6 +215,43 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _nonfinite_blocks(self, params: list[nn.Parameter]) -> str:
+        """The active blocks (and embeddings/head/adapters) whose gradients hold NaN or inf."""
+        anatomy = getattr(self.method, "anatomy", None)
+        names: list[str] = []
+        for p in params:
+            if p.grad is None or bool(torch.isfinite(p.grad).all()):
+                continue
+            where = "other"
+            if anatomy is not None:
+                block = anatomy.block_index_of(p)
+                if block is not None:
+                    where = f"block {block}"
+                elif any(p is q for q in anatomy.embedding_parameters()):
+                    where = "embeddings"
+                elif any(p is q for q in anatomy.head_parameters()):
+                    where = "head"
+            if where not in names:
+                names.append(where)
+        return ", ".join(names) if names else "none (the loss itself)"
+
+    def _nonfinite(self, loss: float, norm: float, params: list[nn.Parameter]) -> None:
+        """A non-finite loss or gradient: raise (on_nonfinite=stop, or too many skips in a row) or count a skip."""
+        from ..errors import NumericalError
+
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        where = f"at step {self.step_index + 1} (training {self.plan.describe()}; non-finite gradients in: {self._nonfinite_blocks(params)})"
+        if getattr(self.cfg, "on_nonfinite", "stop") != "skip":
+            raise NumericalError(
+                f"{what} {where}: lower train.lr, enable train.max_grad_norm or train.bf16=false, "
+                f"or set train.on_nonfinite=skip to skip such steps"
+            )
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = getattr(self.cfg, "max_skipped_steps", 10)
+        if self.consecutive_skips >= limit:
+            raise NumericalError(f"{what} {where}: {self.consecutive_skips} steps in a row skipped (train.max_skipped_steps={limit}); lower train.lr")
+
     def train_step(self) -> StepRecord:
         """One optimizer step (``grad_accum`` micro-batches)."""
         t0 = time.perf_counter()
@@ -232,15 +274,21 @@ class Trainer:
             samples += batch["input_ids"].shape[0]
         if self.grad_sync is not None:
             total_loss = self.grad_sync(self.optimizer.active, total_loss)
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(
-                f"loss is {total_loss} at step {self.step_index} (training {self.plan.describe()}): lower train.lr or enable train.max_grad_norm"
-            )
         active = self.optimizer.active
         grads = grad_bytes(active)
-        if self.cfg.max_grad_norm and active:
-            torch.nn.utils.clip_grad_norm_([p for p in active if p.grad is not None], self.cfg.max_grad_norm)
-        self.optimizer.step()
+        with_grad = [p for p in active if p.grad is not None]
+        # The total norm is what clip_grad_norm_ computes (and then clips with): checking it costs one reduction.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else torch.zeros(())
+        skipped = not (math.isfinite(total_loss) and bool(torch.isfinite(norm)))
+        if skipped:
+            self._nonfinite(total_loss, float(norm), with_grad)
+        elif self.cfg.max_grad_norm and with_grad:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_grad_norm, norm)
+        if skipped:
+            self.optimizer.zero_grad()
+        else:
+            self.consecutive_skips = 0
+            self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -250,7 +298,7 @@ class Trainer:
         b["total"] = sum(b.values())
         for k, v in b.items():
             self.totals.peak[k] = max(self.totals.peak[k], v)
-        rec = StepRecord(self.step_index, total_loss, lr, self.plan, tokens, seconds, b)
+        rec = StepRecord(self.step_index, total_loss, lr, self.plan, tokens, seconds, b, skipped)
         self.step_index += 1
         self.totals.steps += 1
         self.totals.tokens += tokens
