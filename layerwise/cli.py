@@ -54,6 +54,21 @@ def _probe_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.max_length=128")
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict peak training memory per method, the largest batch that fits a budget, and tokens/s")
+    p.add_argument("config", nargs="?", help="YAML config (optional)")
+    p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--memory", required=True, help="memory budget, e.g. 8GiB, 16GB, 512MiB")
+    p.add_argument("--seq-len", type=int, help="tokens per example (default: data.max_length)")
+    p.add_argument("--methods", help="comma-separated methods (default: full,freeze,lift,lisa,lora,meft,ist,salf)")
+    p.add_argument("--batch-size", type=int, help="batch for the per-component table (default: train.batch_size)")
+    p.add_argument("--output", default="plan.json", help="plan.json path, or a folder for it (default ./plan.json)")
+    p.add_argument("--no-speed", action="store_true", help="skip the cost-model profile (no tokens/s prediction)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (train.max_steps=100) or a method's (lift.switch_every=10)")
+
+
 def build_raw_config(args) -> dict:
     from .config import load_yaml, parse_override, set_path
 
@@ -129,6 +144,25 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import parse_override, set_path
+    from .methods.registry import METHODS
+    from .plan import plan_command
+
+    per_method: dict = {}
+    rest = []
+    for text in args.overrides:
+        path, value = parse_override(text)
+        if path[0] in METHODS and len(path) > 1:
+            set_path(per_method.setdefault(path[0], {}), path[1:], value)
+        else:
+            rest.append(text)
+    args.overrides = rest
+    plan_command(build_raw_config(args), memory=args.memory, seq_len=args.seq_len, methods=args.methods, batch_size=args.batch_size,
+                 output=args.output, speed=not args.no_speed, method_overrides=per_method)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other bad input (``--help`` still prints the full usage)."""
 
@@ -158,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _bench_parser(sub)
     _probe_parser(sub)
+    _plan_parser(sub)
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -166,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     try:
-        return {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe}[args.command](args)
+        return {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan}[args.command](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,326 @@
+"""``layerwise plan``: predict, per method, the peak training memory by component, the largest batch
+that fits a memory budget, and (from the cost model) the tokens/s, before training anything.
+
+How the prediction is made (docs/beyond.md):
+
+* For each method a fresh copy of the model is loaded and prepared exactly as ``layerwise train``
+  would (adapters injected, ``train.frozen_dtype`` applied by the Trainer), and the steps of the
+  configured run (``train.max_steps``) are walked to find the plan with the deepest backward (the
+  most saved activations) and the plan with the most trainable bytes (gradients, AdamW state).
+* One real training step (forward, backward, optimizer step, through :class:`~layerwise.engine.Trainer`)
+  runs in the deepest plan at batch 1 and at batch 2, at the target sequence length, on random
+  token ids. :class:`~layerwise.engine.meter.SavedTensorMeter` gives the saved-for-backward bytes of
+  each; activations are predicted as ``a(B) = a0 + B * (a(2) - a(1))`` (linear in the batch, measured
+  at the target length: the attention-score terms that grow with length squared are included).
+* weights/grads/optimizer are the bytes the engine's meter reports: parameter bytes after
+  preparation, the gradient bytes of the largest trainable set, and AdamW's two moments plus its
+  step counter for it. The total is the same sum summary.json's ``memory.total`` reports; it does not
+  include the framework's own working memory (allocator slack, temporary buffers inside kernels).
+* Largest batch: ``floor((budget - weights - grads - optimizer - a0) / slope)``.
+* tokens/s: one profiled full fine-tuning step at batch 1 (:func:`layerwise.costmodel.profile_model`)
+  gives per-block forward/backward times; a method's step time at batch ``B`` is its compute time
+  from :meth:`Profile.predict` scaled by ``B`` plus the optimizer time of its trainable parameters.
+  MEFT's reversible backward (it recomputes block inputs) is not in the cost model: not predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+DEFAULT_METHODS = ("full", "freeze", "lift", "lisa", "lora", "meft", "ist", "salf")
+COMPONENTS = ("weights", "grads", "optimizer", "activations")
+_NOT_PREDICTED_SPEED = {"meft": "reversible backward recomputes block inputs; the cost model does not model it",
+                        "ist": "IST's importance loop (extra forward passes) is not in the cost model"}
+
+
+def parse_memory(text: str) -> int:
+    """'8GiB', '7.5 GB', '512MiB', '1e9' -> bytes."""
+    from .errors import ConfigError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise ConfigError(f"--memory '{text}' is not a size: write e.g. 8GiB, 16GB or 512MiB")
+    n = int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"--memory '{text}' must be positive")
+    return n
+
+
+def _fmt(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f}G" if abs(n) >= 2**30 else f"{n / 2**20:.1f}M"
+
+
+def method_defaults(name: str, num_blocks: int) -> dict:
+    """Config for ``name`` when the user gives none: what needs a choice gets a stated one."""
+    if name == "freeze":
+        return {"name": name, "top": max(1, num_blocks // 4)}
+    if name == "salf":
+        return {"name": name, "budget": 0.5}  # the cut from the cost model alone (no probe data needed)
+    return {"name": name}
+
+
+def _synthetic_batch(model, task: str, batch: int, seq: int, seed: int = 0) -> dict:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(5, vocab - 1), vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "classification":
+        if getattr(cfg, "type_vocab_size", 0):
+            out["token_type_ids"] = torch.zeros_like(ids)
+        out["labels"] = torch.randint(0, int(getattr(cfg, "num_labels", 2) or 2), (batch,), generator=g)
+    else:
+        out["labels"] = ids.clone()
+    return out
+
+
+def _repeat(batch: dict):
+    while True:
+        yield {k: v.clone() for k, v in batch.items()}
+
+
+def _plan_steps(max_steps: int) -> list[int]:
+    if max_steps <= 4096:
+        return list(range(max(max_steps, 1)))
+    return sorted({round(i * (max_steps - 1) / 4095) for i in range(4096)})
+
+
+def _walk_plans(method, max_steps: int):
+    """(deepest step, params of the largest trainable set, distinct plans with their step counts)."""
+    import random
+
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    deepest, deepest_key = 0, None
+    best_params: list = []
+    best_bytes = -1
+    counts: dict = {}
+    try:
+        for step in _plan_steps(max_steps):
+            try:
+                plan = method.plan(step)
+            except Exception:
+                if step == 0:
+                    raise
+                break
+            counts[plan] = counts.get(plan, 0) + 1
+            depth = -2 if plan.lowest is None and not plan.head else (plan.lowest if plan.lowest is not None else 10**6)
+            key = (depth, -len(plan.blocks))
+            if deepest_key is None or key < deepest_key:
+                deepest, deepest_key = step, key
+            params = method.parameters(plan)
+            nbytes = sum(p.nbytes for p in params)
+            if nbytes > best_bytes:
+                best_params, best_bytes = params, nbytes
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+    return deepest, best_params, counts
+
+
+def _load(cfg, task: str, num_labels: int | None):
+    from .anatomy import find_anatomy
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer, info = load_model_and_tokenizer(cfg.model, task, num_labels=num_labels, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer, info, find_anatomy(model, cfg.blocks)
+
+
+def measure_method(cfg, mraw: dict, task: str, seq: int, *, num_labels: int | None = None, log=print) -> dict:
+    """One method: predicted memory components (activations affine in the batch) from two real steps."""
+    from .anatomy import find_anatomy
+    from .engine import Trainer, resolve_device
+    from .methods import create_method, method_config
+    from .methods.base import RunContext
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer, info, anatomy = _load(cfg, task, num_labels)
+    mcfg = method_config(mraw)
+    method = create_method(mcfg, anatomy, task=task, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
+    device = resolve_device(cfg.train.device)
+    method.context = RunContext(tokenizer=tokenizer, device=device, task=task)
+    skip_probe = mcfg.name == "salf" and method.probe is None and getattr(mcfg, "budget", None) is not None
+    if skip_probe:
+        method.probe = {}  # the cut comes from the budget (cost model): no probe data needed to plan
+    prepared = method.prepare(model)
+    if skip_probe:
+        method.probe = None
+    if prepared is not model:
+        method.anatomy = find_anatomy(prepared, cfg.blocks)
+    model = prepared
+    deepest, largest, plan_counts = _walk_plans(method, cfg.train.max_steps)
+    tcfg = cfg.train
+    import dataclasses
+
+    tcfg = dataclasses.replace(tcfg, grad_accum=1, gradient_checkpointing=tcfg.gradient_checkpointing)
+    measured = {}
+    trainer = None
+    for b in (1, 2):
+        trainer = Trainer(model, method, tcfg, _repeat(_synthetic_batch(model, task, b, seq, seed=b)), device=device)
+        trainer.step_index = deepest
+        rec = trainer.train_step()
+        measured[b] = dict(rec.bytes)
+    slope = measured[2]["activations"] - measured[1]["activations"]
+    intercept = measured[1]["activations"] - slope
+    grads = max(sum(p.nbytes for p in largest), measured[2]["grads"])
+    # AdamW: exp_avg and exp_avg_sq like the parameter, plus a float32 step counter per tensor.
+    optimizer = max(sum(2 * p.nbytes + 4 for p in largest), measured[2]["optimizer"])
+    weights = max(measured[1]["weights"], measured[2]["weights"])
+    plan = method.plan(deepest)
+    out = {
+        "config": {k: v for k, v in dataclasses.asdict(mcfg).items()},
+        "weights": int(weights),
+        "grads": int(grads),
+        "optimizer": int(optimizer),
+        "activations_fixed": int(intercept),
+        "activations_per_example": int(slope),
+        "measured_steps": {str(b): m for b, m in measured.items()},
+        "deepest_plan": plan.describe(),
+        "trainable_max": int(sum(p.numel() for p in largest)),
+        "_plans": plan_counts,
+        "_adapter_only": bool(getattr(method, "adapter_only", False)),
+        "_method": method,
+    }
+    del trainer, model
+    return out
+
+
+def predict(entry: dict, batch: int) -> dict:
+    act = entry["activations_fixed"] + batch * entry["activations_per_example"]
+    d = {"weights": entry["weights"], "grads": entry["grads"], "optimizer": entry["optimizer"], "activations": int(act)}
+    d["total"] = sum(d.values())
+    return d
+
+
+def max_batch(entry: dict, budget: int, limit: int = 1 << 20) -> int:
+    fixed = entry["weights"] + entry["grads"] + entry["optimizer"] + entry["activations_fixed"]
+    if fixed > budget:
+        return 0
+    per = max(entry["activations_per_example"], 1)
+    return int(min((budget - fixed) // per, limit))
+
+
+def _profile(cfg, task: str, seq: int, num_labels: int | None):
+    from .costmodel import profile_model
+
+    torch.manual_seed(cfg.train.seed)
+    model, _, _, anatomy = _load(cfg, task, num_labels)
+    batch = _synthetic_batch(model, task, 1, seq)
+    return profile_model(model, anatomy, batch, reps=2, bf16=cfg.train.bf16)
+
+
+def tokens_per_s(profile, entry: dict, batch: int, seq: int, profile_batch: int = 1) -> float:
+    """Predicted tokens/s at ``batch``: compute time linear in the batch, optimizer time fixed."""
+    method = entry["_method"]
+    total_t, total_n = 0.0, 0
+    for plan, count in entry["_plans"].items():
+        n = sum(p.numel() for p in method.parameters(plan))
+        compute = profile.predict(plan, 0, adapter_only=entry["_adapter_only"])
+        total_t += count * (compute * batch / profile_batch + profile.optimizer_per_param * n)
+        total_n += count
+    return batch * seq / (total_t / max(total_n, 1))
+
+
+def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | None, batch_size: int | None,
+                 output: str | None, speed: bool = True, method_overrides: dict | None = None, log=print) -> dict:
+    from .config import resolve
+    from .errors import ConfigError
+    from .methods.registry import METHODS
+    from .models import default_task_for, resolve_model_path
+
+    budget = parse_memory(memory)
+    raw = dict(raw)
+    raw.setdefault("method", {"name": "full"})
+    cfg, _ = resolve(raw)
+    seq = int(seq_len or cfg.data.max_length)
+    if seq < 2:
+        raise ConfigError(f"--seq-len {seq} is too small: use at least 2 tokens")
+    names = [m.strip() for m in (methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method '{unknown[0]}': choose from {', '.join(sorted(METHODS))}")
+    task = cfg.task or default_task_for(resolve_model_path(cfg.model))
+    num_labels = 2 if task == "classification" else None
+    # Number of blocks for the defaults (freeze top quarter).
+    from .anatomy import find_anatomy
+    from .models import load_model_and_tokenizer
+
+    probe_model, _, info = load_model_and_tokenizer(cfg.model, task, num_labels=num_labels, trust_remote_code=cfg.trust_remote_code)
+    num_blocks = find_anatomy(probe_model, cfg.blocks).num_blocks
+    del probe_model
+    batch = batch_size or cfg.train.batch_size
+    rows: dict[str, dict] = {}
+    profile = None
+    if speed:
+        log(f"profiling one full fine-tuning step (batch 1, length {seq}) for the cost model ...")
+        profile = _profile(cfg, task, seq, num_labels)
+    for name in names:
+        mraw = {**method_defaults(name, num_blocks), **((method_overrides or {}).get(name, {}))}
+        log(f"measuring {name} ...")
+        try:
+            entry = measure_method(cfg, mraw, task, seq, num_labels=num_labels, log=log)
+        except Exception as exc:  # a method that cannot run on this model: reported, not fatal
+            rows[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+            continue
+        entry["predicted"] = predict(entry, batch)
+        entry["max_batch"] = max_batch(entry, budget)
+        entry["fits"] = entry["predicted"]["total"] <= budget
+        if profile is not None and name not in _NOT_PREDICTED_SPEED:
+            entry["tokens_per_s"] = tokens_per_s(profile, entry, batch, seq)
+            entry["tokens_per_s_at_max_batch"] = tokens_per_s(profile, entry, entry["max_batch"], seq) if entry["max_batch"] else None
+        else:
+            entry["tokens_per_s"] = None
+            entry["tokens_per_s_note"] = _NOT_PREDICTED_SPEED.get(name, "not profiled (--no-speed)")
+        rows[name] = entry
+    result = {
+        "model": cfg.model,
+        "model_info": {k: info[k] for k in ("model_type", "num_parameters", "path")},
+        "task": task,
+        "num_blocks": num_blocks,
+        "seq_len": seq,
+        "batch_size": batch,
+        "budget_bytes": budget,
+        "max_steps": cfg.train.max_steps,
+        "bf16_autocast": cfg.train.bf16,
+        "frozen_dtype": getattr(cfg.train, "frozen_dtype", "fp32"),
+        "activation_model": "saved-for-backward bytes (SavedTensorMeter) of one real training step at batch 1 and 2 at seq_len, "
+                            "in each method's deepest plan; affine in the batch",
+        "memory_total_is": "weights + grads + optimizer + activations, as summary.json memory.total (framework working memory not included)",
+        "methods": {n: {k: v for k, v in e.items() if not k.startswith("_")} for n, e in rows.items()},
+    }
+    log(format_table(result))
+    path = Path(output or "plan.json")
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "plan.json"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    log(f"plan: {path}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    b = result["batch_size"]
+    head = (f"model {result['model']} ({result['model_info']['num_parameters'] / 1e6:.1f}M parameters, {result['num_blocks']} blocks), "
+            f"length {result['seq_len']}, budget {_fmt(result['budget_bytes'])}, predicted peak training memory at batch {b}:")
+    cols = ["method", "weights", "grads", "optim", "activ", "total", "fits", "max batch", "tok/s", "tok/s@max"]
+    lines = [head, "  ".join(f"{c:>9}" for c in cols)]
+    for name, e in result["methods"].items():
+        if "error" in e:
+            lines.append(f"{name:>9}  not predicted: {e['error']}")
+            continue
+        p = e["predicted"]
+        tps = e.get("tokens_per_s")
+        tpm = e.get("tokens_per_s_at_max_batch")
+        vals = [name, _fmt(p["weights"]), _fmt(p["grads"]), _fmt(p["optimizer"]), _fmt(p["activations"]), _fmt(p["total"]),
+                "yes" if e["fits"] else "no", str(e["max_batch"]), f"{tps:.0f}" if tps else "-", f"{tpm:.0f}" if tpm else "-"]
+        lines.append("  ".join(f"{v:>9}" for v in vals))
+    return "\n".join(lines)
