@@ -42,6 +42,12 @@ class TrainConfig:
     frozen prefix deterministic and lets attention use its fused kernel (on CPU, a MiniLM
     forward in train mode measured ~1.8x slower than in eval mode). True: dropout stays on in
     every block, as in full fine-tuning."""
+    frozen_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16: blocks that do not train this step are held in bf16 (active blocks, embeddings and head in
+    float32); inputs are cast at block boundaries. See docs/beyond.md."""
+    frozen_master: Literal["rounded", "host"] = "rounded"
+    """With frozen_dtype=bf16, where a block's float32 value comes from when it becomes active:
+    its bf16 value (rounded) or a float32 copy kept in host memory (host; counted in weights on CPU)."""
     optimizer_state: Literal["reset", "keep"] = "reset"
     """On a switch, drop the leaving parameters' optimizer state (reset) or stash it and restore it when they return (keep)."""
     seed: int = 0

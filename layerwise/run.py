@@ -313,6 +313,8 @@ class Run:
             seconds -= first_step_seconds
             tokens -= first_step_tokens
             samples -= samples // totals.steps
+        if getattr(trainer, "lowp", None) is not None:
+            trainer.lowp.restore_all()  # train.frozen_dtype: evaluate and save the float32 model (its master copies)
         eval_after = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_after else None
         if eval_after:
             self.log(f"held-out {metric} after:  {eval_after[metric]:.4f}")

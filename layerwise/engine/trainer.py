@@ -152,6 +152,13 @@ class Trainer:
             p.requires_grad_(False)
         self.step_index = 0
         self.plan = method.plan(0)
+        #: train.frozen_dtype: blocks outside the plan held in bf16 (:mod:`layerwise.engine.lowp`).
+        self.lowp = None
+        if getattr(cfg, "frozen_dtype", "fp32") != "fp32":
+            from .lowp import DTYPES, FrozenLowPrecision
+
+            self.lowp = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], getattr(cfg, "frozen_master", "rounded"))
+            self.lowp.apply(self.plan.blocks)
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
             lr=cfg.lr,
@@ -166,7 +173,7 @@ class Trainer:
             num_training_steps=max(cfg.max_steps, 1),
         )
         self.meter = SavedTensorMeter(self.model)
-        self.weight_bytes = param_bytes(self.model)
+        self.weight_bytes = self._weights_now()
         self.totals = Totals()
         self.switches = 0
         self.max_trainable = sum(p.numel() for p in self.optimizer.active)
@@ -187,9 +194,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def _weights_now(self) -> int:
+        """Parameter bytes; with frozen_master=host on a CPU device the float32 master copies too (same memory)."""
+        n = param_bytes(self.model)
+        if self.lowp is not None and self.device.type == "cpu":
+            n += self.lowp.master_bytes()
+        return n
+
     def apply_plan(self, plan: Plan) -> None:
         if plan == self.plan:
             return
+        if self.lowp is not None and self.lowp.apply(plan.blocks):
+            # New storages: the meter must still recognise parameters; the weights' bytes changed.
+            self.meter.refresh(self.model)
+            self.weight_bytes = self._weights_now()
         self.optimizer.set_active(self.method.parameters(plan))
         self.plan = plan
         self.switches += 1

@@ -1,0 +1,119 @@
+"""train.frozen_dtype=bf16: frozen blocks held in bf16, active blocks train in float32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import batch_for, repeat, tiny_bert, tiny_llama
+
+from layerwise.anatomy import find_anatomy
+from layerwise.config import TrainConfig, resolve
+from layerwise.engine import Trainer
+from layerwise.methods import create_method, method_config
+from layerwise.run import train
+
+
+def _trainer(model, method_raw: dict, task: str, steps: int, **cfg):
+    anatomy = find_anatomy(model)
+    method = create_method(method_config(method_raw), anatomy, task=task, max_steps=steps)
+    tcfg = TrainConfig(max_steps=steps, device="cpu", warmup_steps=0, lr=1e-3, **cfg)
+    return Trainer(model, method, tcfg, repeat(batch_for(model))), anatomy
+
+
+def _block_state(block) -> dict:
+    return {n: p.detach().clone() for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("make,task", [(tiny_llama, "causal_lm"), (tiny_bert, "classification")])
+def test_frozen_blocks_bf16_active_fp32(make, task):
+    model = make()
+    original = [_block_state(b) for b in find_anatomy(model).blocks]
+    reference = make()
+    t, anatomy = _trainer(model, {"name": "lift", "switch_every": 2, "schedule": "top_down"}, task, 6, frozen_dtype="bf16")
+    ref, _ = _trainer(reference, {"name": "lift", "switch_every": 2, "schedule": "top_down"}, task, 6)
+    L = anatomy.num_blocks
+    for _ in range(6):
+        rec = t.train_step()
+        ref_rec = ref.train_step()
+        assert math.isfinite(rec.loss)
+        assert abs(rec.loss - ref_rec.loss) < 0.05 * abs(ref_rec.loss) + 1e-3
+        for i, block in enumerate(anatomy.blocks):
+            want = torch.float32 if i in rec.plan.blocks else torch.bfloat16
+            assert {p.dtype for p in block.parameters()} == {want}, (i, rec.plan)
+        # Embeddings and head stay float32.
+        assert all(p.dtype == torch.float32 for p in anatomy.head_parameters() + anatomy.embedding_parameters())
+        # Memory: weights counted at their real size, smaller than the float32 reference.
+        assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters())
+        assert rec.bytes["weights"] < ref_rec.bytes["weights"]
+        assert rec.bytes["total"] == sum(v for k, v in rec.bytes.items() if k != "total")
+    # Blocks that never trained hold their pretrained values (rounded to bf16), unchanged by training.
+    trained = {b for b in range(L - 3, L)}
+    for i in set(range(L)) - trained:
+        for n, p in anatomy.blocks[i].named_parameters():
+            assert torch.equal(p.detach(), original[i][n].to(torch.bfloat16)), (i, n)
+    # Saved activations are not inflated by parameters: the bf16 copies are recognised as weights.
+    assert rec.bytes["activations"] <= ref_rec.bytes["activations"] * 1.01
+
+
+def test_host_master_restores_exact_float32():
+    model = tiny_llama()
+    anatomy0 = find_anatomy(model)
+    original = [_block_state(b) for b in anatomy0.blocks]
+    # bottom_up, 1 step per block, two cycles: each block trains, leaves (bf16) and comes back.
+    t, anatomy = _trainer(model, {"name": "lift", "switch_every": 1, "schedule": "bottom_up"}, "causal_lm", 8,
+                          frozen_dtype="bf16", frozen_master="host")
+    after_first: dict = {}
+    for step in range(8):
+        rec = t.train_step()
+        i = rec.plan.blocks[0]
+        if step < 4:
+            after_first[i] = _block_state(anatomy.blocks[i])
+        else:
+            # The block came back: before its step its value was the exact float32 master from cycle 1
+            # (checked through the optimizer: one AdamW step moves each element by at most ~lr).
+            for n, p in anatomy.blocks[i].named_parameters():
+                assert p.dtype == torch.float32
+                assert (p.detach() - after_first[i][n]).abs().max() <= 1.5e-3
+    # Master copies are counted in weights on CPU.
+    assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.lowp.master_bytes()
+    t.lowp.restore_all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # A block's float32 master kept its trained value exactly (not rounded to bf16).
+    for i in range(3):
+        for n, p in anatomy.blocks[i].named_parameters():
+            if not torch.equal(p.detach(), original[i][n]):
+                break
+        else:
+            pytest.fail(f"block {i} did not train")
+
+
+def test_rounded_master_is_bf16_value():
+    model = tiny_llama()
+    t, anatomy = _trainer(model, {"name": "lift", "switch_every": 1, "schedule": "top_down"}, "causal_lm", 2, frozen_dtype="bf16")
+    low = _block_state(anatomy.blocks[2])  # bf16 while block 3 trains
+    t.train_step()
+    t.train_step()  # block 2 becomes active: its float32 value is its bf16 value, then one step
+    assert anatomy.blocks[2].self_attn.q_proj.weight.dtype == torch.float32
+    moved = (anatomy.blocks[2].self_attn.q_proj.weight.detach() - low["self_attn.q_proj.weight"].float()).abs().max()
+    assert 0 < moved <= 1.5e-3
+
+
+def test_run_with_frozen_dtype(tiny_llama_dir, lm_jsonl, tmp_path):
+    raw = {
+        "model": tiny_llama_dir, "output": str(tmp_path / "run"), "method": {"name": "lift", "switch_every": 1},
+        "data": {"source": lm_jsonl, "max_length": 24},
+        "train": {"batch_size": 4, "max_steps": 3, "progress": False, "eval_before": False, "save_model": True,
+                  "frozen_dtype": "bf16", "memory_check": False, "disk_check": False},
+    }
+    cfg, mcfg = resolve(raw)
+    summary = train(cfg, mcfg, log=lambda *a, **k: None)
+    assert math.isfinite(summary["eval"]["loss"])
+    total = summary["total_parameters"]
+    # Weights: well under float32 for all parameters (embeddings and head stay float32 in this tiny model).
+    assert summary["memory"]["weights"] < total * 4
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
