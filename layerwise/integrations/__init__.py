@@ -1,0 +1,1 @@
+"""Glue for other training loops: :mod:`layerwise.integrations.hf` (transformers.Trainer, TRL)."""

@@ -1,0 +1,149 @@
+"""layerwise methods inside ``transformers.Trainer`` (and TRL's trainers, which subclass it).
+
+One object, :class:`LayerwiseCallback`, carries everything:
+
+* the method (the same :class:`~layerwise.methods.Method` classes and typed configs that
+  ``layerwise train`` uses, over the model's :func:`~layerwise.anatomy.find_anatomy` groups);
+* ``callback.optimizer``: an AdamW that owns exactly the active parameters (the ``.optimizer``
+  of an :class:`~layerwise.engine.optim.ActiveOptimizer`); pass it to the Trainer as
+  ``optimizers=(callback.optimizer, None)`` and the Trainer builds its LR scheduler over it;
+* ``on_step_begin``: before the first micro-batch of every optimizer step, the method's plan
+  for that step (``state.global_step``) is applied: ``requires_grad``, the optimizer's param
+  groups (replaced in place, so the scheduler and accelerate's optimizer wrapper keep working)
+  and the leaving parameters' state (``optimizer_state``: reset / keep / retain). Frozen
+  blocks below the lowest trainable one record no graph, as in ``layerwise train``.
+
+::
+
+    cb = LayerwiseCallback(model, "lift", args=training_args, k=1, switch_every=50)
+    trainer = Trainer(model=cb.model, args=training_args, train_dataset=ds,
+                      optimizers=(cb.optimizer, None), callbacks=[cb])
+    trainer.train()
+
+Methods: ``full``, ``freeze``, ``lift``, ``lisa``, ``lora`` (``cb.model`` is then the PEFT
+model). ``ist``, ``salf`` and ``meft`` need the layerwise engine (IST's importance loop runs
+extra forward passes inside the step; SALF probes the training data before training; MEFT
+replaces the blocks' forward): they are refused. A switching method (``lift``, ``lisa``) under
+several processes is refused too, because the Trainer's DistributedDataParallel wrapper fixes
+the set of trainable parameters when it is built; use ``torchrun -m layerwise train`` there
+(docs/scale-out.md). The Trainer's ``resume_from_checkpoint`` restores torch's optimizer state
+by position, which cannot describe a switched set: for exact resume use ``layerwise train
+--resume`` (docs/checkpoints.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..anatomy import UnsupportedModelError, find_anatomy
+from ..engine.optim import ActiveOptimizer
+from ..errors import ConfigError, ModelError
+from ..methods import Plan, create_method, method_config
+
+SUPPORTED = ("full", "freeze", "lift", "lisa", "lora")
+SWITCHING = ("lift", "lisa")
+
+
+def _task_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal_lm"
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    from ..models import default_task_for
+
+    return default_task_for(model.config)
+
+
+class LayerwiseCallback(TrainerCallback):
+    """Run layerwise method ``method`` inside a ``transformers.Trainer``.
+
+    ``method_options`` are the method's config keys (``k``, ``switch_every``, ``schedule``,
+    ``layers``, ``r``, ...), checked like ``method.*`` keys of a layerwise config. ``args`` (a
+    ``TrainingArguments``) supplies the defaults for ``lr``, ``weight_decay``, the Adam betas
+    and epsilon, ``seed`` and ``max_steps``. ``blocks`` overrides where the blocks are
+    (``"model.layers"``); ``task`` is ``classification`` or ``causal_lm`` (inferred).
+
+    Attributes: ``model`` (the model to train: ``model`` itself, or the PEFT model for lora),
+    ``method``, ``optimizer`` (torch AdamW to hand to the Trainer), ``active`` (the
+    :class:`ActiveOptimizer` around it), ``plan`` (the current plan), ``switches``, and
+    ``history``: ``(step, plan)`` for every optimizer step begun.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "lift",
+        *,
+        args: Any = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        seed: int | None = None,
+        max_steps: int | None = None,
+        optimizer_state: str = "reset",
+        blocks: str | None = None,
+        task: str | None = None,
+        **method_options,
+    ):
+        if method not in SUPPORTED:
+            raise ConfigError(
+                f"method '{method}' cannot run inside transformers.Trainer (it needs the layerwise engine): "
+                f"use one of {', '.join(SUPPORTED)}, or `layerwise train --method {method}`"
+            )
+        lr = lr if lr is not None else (args.learning_rate if args is not None else 1e-4)
+        weight_decay = weight_decay if weight_decay is not None else (args.weight_decay if args is not None else 0.0)
+        seed = seed if seed is not None else (args.seed if args is not None else 0)
+        max_steps = max_steps if max_steps is not None else (max(args.max_steps, 0) if args is not None else 0)
+        betas = (args.adam_beta1, args.adam_beta2) if args is not None else (0.9, 0.999)
+        eps = args.adam_epsilon if args is not None else 1e-8
+        try:
+            anatomy = find_anatomy(model, blocks)
+        except UnsupportedModelError as exc:
+            raise ModelError(str(exc)) from None
+        mcfg = method_config({"name": method, **method_options})
+        self.method = create_method(mcfg, anatomy, task=task or _task_of(model), seed=seed, max_steps=max_steps)
+        self.model = self.method.prepare(model)
+        if self.model is not model:  # adapters wrap the model: find the groups again so they are included
+            self.method.anatomy = find_anatomy(self.model, blocks)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.plan: Plan = self.method.plan(0)
+        self.active = ActiveOptimizer(
+            self.method.parameters(self.plan), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, state_policy=optimizer_state
+        )
+        self.optimizer: torch.optim.Optimizer = self.active.optimizer
+        self.switches = 0
+        self.history: list[tuple[int, Plan]] = []
+
+    # -- Trainer events -------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in AcceleratedOptimizer
+        if optimizer is not None and inner is not self.optimizer:
+            raise ConfigError(
+                "the Trainer built its own optimizer, which would not follow the layerwise plan: "
+                "pass optimizers=(callback.optimizer, None) to the Trainer"
+            )
+        if args.world_size > 1 and self.method.name in SWITCHING:
+            raise ConfigError(
+                f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper "
+                "cannot follow: run it data parallel with `torchrun -m layerwise train` (docs/scale-out.md)"
+            )
+        if state.global_step:
+            raise ConfigError(
+                "resume_from_checkpoint restores torch's optimizer state by position, which cannot describe a switched "
+                "trainable set: resume layerwise runs with `layerwise train --resume` (docs/checkpoints.md)"
+            )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step
+        self.method.before_step(step)
+        plan = self.method.plan(step)
+        if plan != self.plan:
+            self.active.set_active(self.method.parameters(plan))
+            self.plan = plan
+            self.switches += 1
+        self.history.append((step, plan))
