@@ -181,6 +181,14 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Batch {meta['batch_size']} x {meta['seq_len']} tokens (padded), {meta['steps']} steps per method "
         f"(first step not timed), median of {meta['repeats']} run(s), each method in its own process.",
+        *(
+            [
+                f"Load average (1 min) at start / end: {meta['load_average_start'][0]:.1f} / {meta['load_average_end'][0]:.1f} "
+                f"on {meta['cpu_count']} CPUs; OMP_WAIT_POLICY={meta['omp_wait_policy']}."
+            ]
+            if "load_average_start" in meta
+            else []
+        ),
         "",
         "| method | tokens/s | x full | ideal x (cost model) | % of ideal | peak training memory (MiB) | memory saving x | weights / grads / optimizer / activations (MiB) | peak RSS (MiB) | trainable params (max) | held-out |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
