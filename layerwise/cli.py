@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _probe_parser(sub)
     _plan_parser(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line on stderr): a status, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
 
     from transformers.utils import logging as hf_logging
 
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan}[args.command](args)
     except LayerwiseError as exc:
-        print(f"layerwise: error: {exc}", file=sys.stderr)
+        # One line even when the message quotes user input with line breaks in it.
+        print(f"layerwise: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layerwise: interrupted", file=sys.stderr)

@@ -73,6 +73,16 @@ class TrainConfig:
     """Before training, refuse a run whose model and checkpoints would not fit on the output disk."""
 
     def validate(self) -> None:
+        for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'train.{key}': {getattr(self, key)} must be at least 1")
+        for key in ("max_steps", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'train.{key}': {getattr(self, key)} must be 0 or more")
+        for key in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, key)
+            if value is not None and not (value >= 0 and value != float("inf")):
+                raise ConfigError(f"config key 'train.{key}': {value} must be a finite number >= 0")
         if self.max_skipped_steps < 1:
             raise ConfigError(f"config key 'train.max_skipped_steps': {self.max_skipped_steps} must be at least 1")
         if self.save_every < 0:

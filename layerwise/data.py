@@ -78,7 +78,7 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"config key 'data.{key}': {value} keeps no examples; use a positive count or null for all")
-        if self.eval_size <= 0:
+        if not (0 < self.eval_size < float("inf")):
             raise ConfigError(f"config key 'data.eval_size': {self.eval_size} makes an empty eval split; use a fraction in (0, 1) or a count >= 1")
 
 

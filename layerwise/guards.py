@@ -154,6 +154,15 @@ def checkpoint_copies(tcfg) -> int:
     return min(tcfg.keep_last + 1, saves)
 
 
+def check_length(model, cfg) -> None:
+    """data.max_length must fit the model's position embeddings (a longer batch fails mid-run)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and limit > 0 and cfg.data.max_length > limit:
+        raise ConfigError(f"config key 'data.max_length': {cfg.data.max_length} is longer than the model's {limit} positions: use at most {limit}")
+
+
 def check_resources(est: Estimate, cfg, device: torch.device, output: Path, *, log=None) -> None:
     """Refuse (ResourceError) a run that cannot fit in memory or on the output disk."""
     tcfg = cfg.train

@@ -29,7 +29,7 @@ from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
 from .engine.trainer import BatchStream
 from .errors import ConfigError, ModelError
-from .guards import check_resources, estimate
+from .guards import check_length, check_resources, estimate
 from .methods import create_method
 from .methods.base import RunContext
 from .models import default_task_for, load_model_and_tokenizer, resolve_model_path
@@ -170,6 +170,7 @@ class Run:
             # Adapters wrap the model: find the groups again so new modules are included.
             self.method.anatomy = find_anatomy(self.model, cfg.blocks)
         # Memory and disk guards: refuse now, with the estimate, rather than die mid-run.
+        check_length(self.model, cfg)
         self.estimate = estimate(self.model, self.method, cfg, self.task)
         check_resources(self.estimate, cfg, self.device, self.output, log=log)
 
