@@ -24,11 +24,13 @@ from .errors import ConfigError
 BENCH_DEFAULTS = {"freeze": {"top": 2}}
 
 
-def _method_raw(base: dict, name: str, steps: int, num_blocks: int) -> dict:
+def _method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict | None = None) -> dict:
     raw = copy.deepcopy(base)
     method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
     # Method-specific keys given for the bench apply only to the method they name.
     extra = {k: v for k, v in method.items() if k != "name"} if method.get("name") == name else {}
+    if variant is not None:
+        extra = {k: v for k, v in variant.items() if k != "name"}
     m = {"name": name, **BENCH_DEFAULTS.get(name, {}), **extra}
     if name == "lift" and "switch_every" not in m:
         # One pass of the whole schedule within the run: every block active equally often.
@@ -90,13 +92,23 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     if args.eval_samples > 0:
         data["max_eval_samples"] = args.eval_samples
     model_spec = base.get("model", "minilm")
+    # `methods.<label>.<key>` (config or --set) configures one entry of --methods; with a
+    # `name` key the label is a variant of that method (e.g. two freeze settings side by side).
+    variants = base.pop("methods", None) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError("methods: expected a mapping label -> method settings, e.g. --set methods.freeze.top=3")
+    unknown = sorted(set(variants) - set(methods))
+    if unknown:
+        raise ConfigError(f"methods.{unknown[0]}: '{unknown[0]}' is not in --methods ({', '.join(methods)}): add it or drop the setting")
     # Validate every method's config before running anything.
     num_blocks = _num_blocks(model_spec)
     raws = {}
-    for name in methods:
-        raw = _method_raw(base, name, args.steps, num_blocks)
+    for label in methods:
+        variant = variants.get(label)
+        name = (variant or {}).get("name", label)
+        raw = _method_raw(base, name, args.steps, num_blocks, variant)
         resolve(raw)
-        raws[name] = raw
+        raws[label] = raw
     if "full" not in methods:
         print("note: 'full' is not among --methods; ratios are left empty", file=sys.stderr)
 
@@ -133,6 +145,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
         summary["peak_memory_bytes"] = int(statistics.median(r["peak_memory_bytes"] for r in runs))
         summary["predicted"] = profile["methods"].get(name)
+        summary["label"] = name
         results.append(summary)
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
@@ -200,7 +213,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         ev = r.get("eval") or {}
         held = f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else (f"loss {ev['loss']:.4f}" if "loss" in ev else "-")
         lines.append(
-            f"| {r['method']} | {r['tokens_per_s']:.0f} | {_fmt(r.get('tokens_per_s_ratio'), '.2f')} | {_fmt(pred, '.2f')} | "
+            f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f} | {_fmt(r.get('tokens_per_s_ratio'), '.2f')} | {_fmt(pred, '.2f')} | "
             f"{_fmt(r.get('percent_of_ideal'), '.0f')} | {mib(m['total']):.1f} | {_fmt(r.get('memory_saving_x'), '.2f')} | "
             f"{mib(m['weights']):.1f} / {mib(m['grads']):.1f} / {mib(m['optimizer']):.1f} / {mib(m['activations']):.1f} | "
             f"{mib(r['peak_memory_bytes']):.0f} | {r['trainable_parameters_max']:,} | {held} |"
@@ -227,7 +240,7 @@ def chart(results: list[dict], path: Path, title: str = "") -> None:
         x = r["memory"]["total"] / 2**20
         y = r["tokens_per_s"]
         ax.scatter([x], [y], s=60)
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4))
+        ax.annotate(r.get("label", r["method"]), (x, y), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("peak training memory (MiB): weights + grads + optimizer + activations")
     ax.set_ylabel("tokens/s")
     ax.set_title(title or "memory vs throughput")
