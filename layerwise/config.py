@@ -71,6 +71,9 @@ class TrainConfig:
     """Before training, refuse a run whose estimated peak memory exceeds the free device memory (RAM on CPU)."""
     disk_check: bool = True
     """Before training, refuse a run whose model and checkpoints would not fit on the output disk."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch: shard the model with FSDP2 (``fully_shard``, one unit per block, then the
+    root) instead of replicating it; methods full, freeze, lift (docs/scale-out.md)."""
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):

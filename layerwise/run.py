@@ -125,6 +125,10 @@ class Run:
             self.log = log = lambda *a, **k: None
         if self.dist and cfg.output is None:
             raise ConfigError("a distributed run needs --output (every process must agree on the run folder)")
+        if cfg.train.fsdp:
+            from .engine.fsdp import check_fsdp
+
+            check_fsdp(cfg.train, mcfg.name, self.dist)
         self.output = Path(cfg.output) if cfg.output else default_output(cfg)
         self.checkpoint = None
         if resume:
@@ -192,10 +196,19 @@ class Run:
         stream = BatchStream(train_loader)
         if self.dist:
             stream = ShardedStream(stream, *self.dist)
+        if tcfg.fsdp:
+            from .engine.fsdp import shard_model
+
+            shard_model(self.model, self.method.anatomy)  # before the Trainer takes the (now DTensor) parameters
         trainer = Trainer(self.model, self.method, tcfg, stream, device=self.device)
         out = self.output
         if self.dist:
-            trainer.grad_sync = ActiveGradSync(self.dist[1])
+            if tcfg.fsdp:
+                from .engine.fsdp import LossSync
+
+                trainer.grad_sync = LossSync(self.dist[1])  # FSDP's reduce-scatter averages the gradients
+            else:
+                trainer.grad_sync = ActiveGradSync(self.dist[1])
             if self.rank:
                 # Other ranks train the same way and write into a scratch folder, removed at the end.
                 out = Path(tempfile.mkdtemp(prefix=f"layerwise-rank{self.rank}-"))
@@ -359,13 +372,19 @@ class Run:
             sync = trainer.grad_sync
             summary["distributed"] = {
                 "world_size": self.dist[1],
-                "mechanism": "all_reduce of the active parameters' gradients (flat buckets)",
+                "mechanism": "FSDP2 fully_shard (one unit per block + root): reduce-scatter of gradients" if tcfg.fsdp
+                else "all_reduce of the active parameters' gradients (flat buckets)",
                 "weights_identical": len(set(digests)) == 1,
                 "weights_sha256": digests,
                 "grad_sync_bytes_per_rank": sync.bytes,
                 "grad_sync_seconds": sync.seconds,
             }
-        if tcfg.save_model and not self.rank:
+        if tcfg.save_model and tcfg.fsdp:
+            # Sharded parameters: every rank joins the gathering, rank 0 writes.
+            state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
+            if not self.rank:
+                self.save_model(trainer.model, out, state_dict=state)
+        elif tcfg.save_model and not self.rank:
             self.save_model(trainer.model, out)
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -373,7 +392,7 @@ class Run:
         self.log(f"run folder: {out}")
         return summary
 
-    def save_model(self, model, out: Path) -> None:
+    def save_model(self, model, out: Path, state_dict: dict | None = None) -> None:
         """The trained model as safetensors, loadable with ``from_pretrained`` (LoRA is merged; the adapter is kept too)."""
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,7 +402,7 @@ class Run:
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(tmp)
         os.replace(tmp, out / "model")
 

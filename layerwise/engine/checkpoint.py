@@ -103,7 +103,21 @@ def _write_json(path: Path, data) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # Clones: safetensors refuses tensors that share storage, and the files hold CPU copies.
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path))
+    # FSDP (train.fsdp): a sharded DTensor is saved whole (full_tensor() is a collective every rank joins).
+    save_file({k: _whole(v).detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A saved whole tensor laid out like ``target``: sharded the same way if it is an FSDP DTensor."""
+    if not hasattr(target, "device_mesh"):
+        return value
+    from .fsdp import like
+
+    return like(target, value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,7 +376,7 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
                 target = param(name)
             if target.shape != value.shape:
                 raise CheckpointError(f"checkpoint {path.name}: '{name}' has shape {tuple(value.shape)}, the model {tuple(target.shape)}")
-            target.copy_(value)
+            target.copy_(_like(target, value))
 
     opt = trainer.optimizer
     if opt_meta["policy"] != opt.state_policy:
@@ -382,9 +396,9 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
         p = param(name)
         if kind == "state":
             # AdamW keeps `step` on the CPU unless capturable/fused; moments live with the parameter.
-            opt.optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
+            opt.optimizer.state[p] = {k: (_like(p, v.to(p.device)) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
         else:
-            opt._stash[p] = values
+            opt._stash[p] = {k: (_like(p, v) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
     for group, saved in zip(opt.param_groups, opt_meta["param_groups"]):
         for k, v in saved.items():
             group[k] = tuple(v) if k == "betas" else v

@@ -22,7 +22,8 @@ class SavedTensorMeter:
         self.last_bytes = 0
 
     def refresh(self, model: nn.Module) -> None:
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # FSDP (train.fsdp): a DTensor parameter's storage is its local shard.
+        self._param_ptrs = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in model.parameters()}
 
     @contextlib.contextmanager
     def track(self):
