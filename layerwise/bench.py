@@ -31,7 +31,8 @@ def _method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dic
     extra = {k: v for k, v in method.items() if k != "name"} if method.get("name") == name else {}
     if variant is not None:
         extra = {k: v for k, v in variant.items() if k != "name"}
-    m = {"name": name, **BENCH_DEFAULTS.get(name, {}), **extra}
+    # The bench's defaults fill in only when no per-entry settings were given.
+    m = {"name": name, **(BENCH_DEFAULTS.get(name, {}) if variant is None else {}), **extra}
     if name == "lift" and "switch_every" not in m:
         # One pass of the whole schedule within the run: every block active equally often.
         groups = -(-num_blocks // m.get("k", 1))
