@@ -574,11 +574,9 @@ def sample_batches(loader_factory, samples: int):
 
 def probe_command(raw: dict, *, samples: int, budget: float | None, output: str, log=print) -> dict:
     """``layerwise probe``: load model and data from a raw config, probe, write ``output``."""
-    from .anatomy import UnsupportedModelError, find_anatomy
     from .config import resolve
-    from .data import load_splits, make_loader, tokenize_splits
-    from .models import default_task_for, load_model_and_tokenizer, resolve_model_path
-    from .run import _check_output
+    from .data import make_loader
+    from .run import _check_output, load_inputs
 
     if samples < 1:
         raise ConfigError(f"--samples {samples} probes nothing: use a positive count (e.g. 512)")
@@ -590,22 +588,7 @@ def probe_command(raw: dict, *, samples: int, budget: float | None, output: str,
     out = Path(output)
     _check_output(out)
     torch.manual_seed(cfg.train.seed)
-    model_path = resolve_model_path(cfg.model)
-    task = cfg.task or default_task_for(model_path)
-    splits = load_splits(cfg.data, task)
-    num_labels = len(splits.label_names) if splits.label_names else None
-    model, tokenizer, _info = load_model_and_tokenizer(
-        cfg.model, task, num_labels=num_labels, trust_remote_code=cfg.trust_remote_code, label_names=splits.label_names
-    )
-    try:
-        anatomy = find_anatomy(model, cfg.blocks)
-    except UnsupportedModelError as exc:
-        from .errors import ModelError
-
-        raise ModelError(str(exc)) from None
-    except (AttributeError, ValueError) as exc:
-        raise ConfigError(f"blocks: {exc}") from None
-    splits = tokenize_splits(splits, tokenizer, cfg.data, task)
+    task, splits, model, tokenizer, _info, anatomy = load_inputs(cfg)
     from .engine import resolve_device
 
     model.to(resolve_device(cfg.train.device))

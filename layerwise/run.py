@@ -103,6 +103,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def load_inputs(cfg: RunConfig):
+    """Task, tokenized splits, model, tokenizer, model info and anatomy for ``cfg``: what every
+    command that runs a model on data (train, probe) loads first. Bad input raises LayerwiseError."""
+    task = cfg.task or default_task_for(resolve_model_path(cfg.model))
+    splits = load_splits(cfg.data, task)
+    num_labels = len(splits.label_names) if splits.label_names else None
+    model, tokenizer, info = load_model_and_tokenizer(
+        cfg.model,
+        task,
+        num_labels=num_labels,
+        trust_remote_code=cfg.trust_remote_code,
+        label_names=splits.label_names,
+    )
+    try:
+        anatomy = find_anatomy(model, cfg.blocks)
+    except UnsupportedModelError as exc:
+        raise ModelError(str(exc)) from None
+    except (AttributeError, ValueError) as exc:
+        raise ConfigError(f"blocks: {exc}") from None
+    return task, tokenize_splits(splits, tokenizer, cfg.data, task), model, tokenizer, info, anatomy
+
+
 class Run:
     """Holds everything a run needs once the input has been validated.
 
@@ -140,25 +162,8 @@ class Run:
         if self.dist:
             torch.distributed.barrier()  # every rank has checked the folder before rank 0 creates it
 
-        model_path = resolve_model_path(cfg.model)
-        self.task = cfg.task or default_task_for(model_path)
-        splits = load_splits(cfg.data, self.task)
-        self.label_names = splits.label_names
-        num_labels = len(splits.label_names) if splits.label_names else None
-        model, self.tokenizer, self.model_info = load_model_and_tokenizer(
-            cfg.model,
-            self.task,
-            num_labels=num_labels,
-            trust_remote_code=cfg.trust_remote_code,
-            label_names=splits.label_names,
-        )
-        try:
-            anatomy = find_anatomy(model, cfg.blocks)
-        except UnsupportedModelError as exc:
-            raise ModelError(str(exc)) from None
-        except (AttributeError, ValueError) as exc:
-            raise ConfigError(f"blocks: {exc}") from None
-        self.splits = tokenize_splits(splits, self.tokenizer, cfg.data, self.task)
+        self.task, self.splits, model, self.tokenizer, self.model_info, anatomy = load_inputs(cfg)
+        self.label_names = self.splits.label_names
         self.method = create_method(mcfg, anatomy, task=self.task, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
         train_loader, eval_loader = self.loaders()
         self.method.context = RunContext(

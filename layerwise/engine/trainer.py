@@ -302,9 +302,7 @@ class Trainer:
             self._nonfinite(total_loss, float(norm), with_grad)
         elif self.cfg.max_grad_norm and with_grad:
             torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_grad_norm, norm)
-        if skipped:
-            self.optimizer.zero_grad()
-        else:
+        if not skipped:
             self.consecutive_skips = 0
             self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
