@@ -31,6 +31,12 @@ def _method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dic
     extra = {k: v for k, v in method.items() if k != "name"} if method.get("name") == name else {}
     if variant is not None:
         extra = {k: v for k, v in variant.items() if k != "name"}
+        # `methods.<label>.train.<key>`: a training setting for this entry only (e.g. its own lr).
+        own_train = extra.pop("train", None)
+        if own_train is not None:
+            if not isinstance(own_train, dict):
+                raise ConfigError(f"methods.<label>.train must be a mapping of train keys, e.g. methods.lora.train.lr=1e-3; got {own_train!r}")
+            raw.setdefault("train", {}).update(own_train)
     # The bench's defaults fill in only when no per-entry settings were given.
     m = {"name": name, **(BENCH_DEFAULTS.get(name, {}) if variant is None else {}), **extra}
     if name == "lift" and "switch_every" not in m:

@@ -118,3 +118,20 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
     assert results["lift"]["memory"]["total"] < full["memory"]["total"]
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "chart.png").stat().st_size > 1000
+
+
+def test_bench_entry_can_carry_its_own_train_settings():
+    from layerwise.bench import _method_raw
+    from layerwise.config import resolve
+    from layerwise.errors import ConfigError
+
+    base = {"model": "minilm", "train": {"lr": 3e-4, "max_steps": 10}}
+    raw = _method_raw(base, "lora", 10, 6, {"train": {"lr": 1e-3}})
+    assert raw["train"] == {"lr": 1e-3, "max_steps": 10}
+    assert base["train"]["lr"] == 3e-4  # the shared config is not touched
+    assert resolve(raw)[0].train.lr == 1e-3
+    assert _method_raw(base, "full", 10, 6)["train"]["lr"] == 3e-4
+    with pytest.raises(ConfigError, match="methods.<label>.train"):
+        _method_raw(base, "lora", 10, 6, {"train": 5})
+    with pytest.raises(ConfigError):
+        resolve(_method_raw(base, "lora", 10, 6, {"train": {"lrr": 1e-3}}))
