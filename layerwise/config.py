@@ -74,6 +74,14 @@ class TrainConfig:
     fsdp: bool = False
     """Under torchrun / accelerate launch: shard the model with FSDP2 (``fully_shard``, one unit per block, then the
     root) instead of replicating it; methods full, freeze, lift (docs/scale-out.md)."""
+    prefix_cache: str | bool = "off"
+    """Frozen-prefix cache (docs/beyond.md): ``on`` stores the output of the blocks below every step's lowest
+    trainable block once per example and reads it back (refused, with the reason, when the run cannot use it);
+    ``auto`` does so when the run can and covers at least two passes over the data; ``off`` never."""
+    prefix_cache_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Storage dtype of the prefix cache (fp32: exact, twice the size)."""
+    prefix_cache_dir: str | None = None
+    """Root folder of prefix caches; None: ``$LAYERWISE_CACHE/prefix`` (default ``~/.cache/layerwise/prefix``)."""
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
@@ -92,6 +100,13 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.save_every': {self.save_every} must be 0 (only at the end) or a number of steps")
         if self.keep_last < 1:
             raise ConfigError(f"config key 'train.keep_last': {self.keep_last} must be at least 1")
+        if isinstance(self.prefix_cache, bool):  # YAML reads a bare on/off as true/false
+            self.prefix_cache = "on" if self.prefix_cache else "off"
+        if self.prefix_cache not in ("off", "auto", "on"):
+            raise ConfigError(
+                f"config key 'train.prefix_cache': {self.prefix_cache!r} is not one of off, auto, on "
+                "(the frozen-prefix cache: off never, on always or refuse, auto when the run can use it)"
+            )
 
 
 @dataclass

@@ -767,14 +767,35 @@ def make_collate(tokenizer, cfg: DataConfig) -> Callable[[list[dict]], dict[str,
     return collate
 
 
-def make_loader(ds, tokenizer, cfg: DataConfig, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+class _Indexed(torch.utils.data.Dataset):
+    """A tokenized dataset whose examples also carry their index (``example_index``), so a batch maps to its rows."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "example_index": int(i)}
+
+    def __getitems__(self, index: list[int]) -> list[dict]:
+        rows = self.ds.__getitems__(index) if hasattr(self.ds, "__getitems__") else [self.ds[i] for i in index]
+        return [{**row, "example_index": int(i)} for row, i in zip(rows, index)]
+
+
+def make_loader(ds, tokenizer, cfg: DataConfig, batch_size: int, shuffle: bool, seed: int, with_index: bool = False) -> torch.utils.data.DataLoader:
     """Batches of ``batch_size`` examples from a tokenized dataset, padded by :func:`make_collate`.
 
     The shuffle order depends only on ``seed`` (a seeded torch.Generator), so a run is reproducible;
     the sampler (``loader.sampler``) is a :class:`SeededSampler` whose state can be saved and restored.
+    ``with_index``: every batch also holds ``example_index`` (the rows' positions in ``ds``; the
+    frozen-prefix cache reads by it).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     sampler = SeededSampler(len(ds), shuffle=shuffle, seed=seed)
+    if with_index:
+        ds = _Indexed(ds)
     # num_workers=0: the collate is cheap and worker processes would copy the dataset and tokenizer.
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=make_collate(tokenizer, cfg), num_workers=0)

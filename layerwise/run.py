@@ -23,8 +23,9 @@ import yaml
 from . import __version__
 from .anatomy import UnsupportedModelError, find_anatomy
 from .config import RunConfig, to_dict
-from .data import load_splits, make_loader, tokenize_splits
+from .data import load_splits, make_collate, make_loader, tokenize_splits
 from .engine import Trainer, evaluate, resolve_device
+from .engine import prefix_cache
 from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
 from .engine.trainer import BatchStream
@@ -182,6 +183,9 @@ class Run:
         check_length(self.model, cfg)
         self.estimate = estimate(self.model, self.method, cfg, self.task)
         check_resources(self.estimate, cfg, self.device, self.output, log=log)
+        # train.prefix_cache: can this run use a frozen-prefix cache (refused here for `on` when not)?
+        self.prefix_decision = prefix_cache.decide(cfg, self.method, len(self.splits.train), distributed=bool(self.dist), log=log)
+        self.prefix_cache = None
 
     # ------------------------------------------------------------------------------------
     def loaders(self):
@@ -189,7 +193,8 @@ class Run:
 
         def train_loader(epoch: int):
             return make_loader(
-                self.splits.train, self.tokenizer, cfg.data, batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + epoch
+                self.splits.train, self.tokenizer, cfg.data, batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + epoch,
+                with_index=self.prefix_cache is not None,  # decided before the first batch is drawn
             )
 
         eval_loader = make_loader(self.splits.eval, self.tokenizer, cfg.data, batch_size=cfg.train.eval_batch_size, shuffle=False, seed=0)
@@ -224,7 +229,9 @@ class Run:
                 raise ConfigError(f"run '{out}' is complete ({trainer.step_index} of {tcfg.max_steps} steps): nothing to resume")
             _truncate_metrics(out / "metrics.jsonl", trainer.step_index)
             self.log(f"resuming from {self.checkpoint} (step {trainer.step_index} of {tcfg.max_steps})")
-        else:
+        if self.prefix_decision.enabled:
+            self._open_prefix_cache(trainer)  # may refuse (no disk space) before a new run folder is made
+        if self.checkpoint is None:
             out.mkdir(parents=True, exist_ok=True)
             resolved = to_dict(cfg)
             resolved["method"] = to_dict(self.mcfg)
@@ -245,6 +252,17 @@ class Run:
             if self.rank:
                 shutil.rmtree(out, ignore_errors=True)
         return summary
+
+    def _open_prefix_cache(self, trainer: Trainer) -> None:
+        """Reuse or build the frozen-prefix cache (after a checkpoint is loaded: the key hashes the weights as they are).
+        Its build time counts as training time, so tokens/s includes it."""
+        cache = prefix_cache.open_or_build(
+            self.cfg, self.prefix_decision, trainer.model, self.method.anatomy, self.tokenizer, self.splits.train,
+            make_collate(self.tokenizer, self.cfg.data), device=self.device, autocast=trainer.autocast, log=self.log,
+        )
+        if cache is not None:
+            trainer.prefix_cache = self.prefix_cache = cache
+            trainer.totals.seconds += cache.build_seconds
 
     def _train(self, trainer: Trainer, eval_loader, out: Path, loop_state: dict | None = None) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
@@ -362,6 +380,8 @@ class Run:
             "switches": trainer.switches,
             "skipped_steps": trainer.skipped_steps,
             "estimate": self.estimate.as_dict(),
+            **({"prefix_cache": self.prefix_cache.summary() if self.prefix_cache else {"used": False, "reason": self.prefix_decision.reason}}
+               if self.cfg.train.prefix_cache != "off" else {}),
             "eval_before": eval_before,
             "eval": eval_after,
         }

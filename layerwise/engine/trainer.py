@@ -186,6 +186,8 @@ class Trainer:
         #: Optimizer steps skipped for a non-finite loss or gradient (in all, and in a row now).
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        #: train.prefix_cache: a :class:`~layerwise.engine.prefix_cache.PrefixCache` (set by the run), or None.
+        self.prefix_cache = None
         method.attach(self)
 
     # ------------------------------------------------------------------------------------
@@ -281,7 +283,9 @@ class Trainer:
         activations = 0
         for _ in range(self.cfg.grad_accum):
             batch = self._to_device(next(self.batches))
-            with self.meter.track(), self.autocast():
+            # The frozen-prefix cache takes the example indices out and feeds the stored prefix output.
+            feed = self.prefix_cache.feed(batch, self.plan) if self.prefix_cache is not None else contextlib.nullcontext()
+            with self.meter.track(), self.autocast(), feed:
                 out = self.model(**batch)
                 loss = out.loss / self.cfg.grad_accum
             # Everything saved for backward is alive once the forward is done.
