@@ -139,6 +139,7 @@ class Run:
         self.log = log
         self.resume = resume
         self.stop_at = stop_at
+        self.prefix_cache = None  # train.prefix_cache, opened in execute(); the training loader then yields example indices
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         # Data parallel (torchrun / accelerate launch): (rank, world) or None; rank 0 writes the run folder.
@@ -185,7 +186,6 @@ class Run:
         check_resources(self.estimate, cfg, self.device, self.output, log=log)
         # train.prefix_cache: can this run use a frozen-prefix cache (refused here for `on` when not)?
         self.prefix_decision = prefix_cache.decide(cfg, self.method, len(self.splits.train), distributed=bool(self.dist), log=log)
-        self.prefix_cache = None
 
     # ------------------------------------------------------------------------------------
     def loaders(self):

@@ -270,6 +270,20 @@ def test_lift_top_down_caches_below_its_lowest_phase(model_dirs, cls_jsonl, tmp_
     assert max(abs(x - y) for x, y in zip(_losses(tmp_path / "r"), _losses(tmp_path / "ref"))) < 1e-5
 
 
+def test_salf_caches_below_its_cut(model_dirs, cls_jsonl, tmp_path):
+    """salf probes with the training loader before the run opens the cache; the cache then covers the blocks below the cut."""
+    method = {"name": "salf", "budget": 0.5, "samples": 16}
+    losses = []
+    for mode in ("on", "off"):
+        cfg, mcfg = resolve(_raw(model_dirs["bert"], cls_jsonl, tmp_path / mode, method=method, prefix_cache=mode, max_steps=6,
+                                 prefix_cache_dir=str(tmp_path / "cache"), prefix_cache_dtype="fp32"))
+        summary = train(cfg, mcfg, log=lambda *a, **k: None)
+        losses.append(_losses(tmp_path / mode))
+        if mode == "on":
+            assert summary["prefix_cache"]["depth"] == summary["salf"]["cut"] > 0
+    assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
+
+
 def test_auto_needs_two_passes(model_dirs, cls_jsonl, tmp_path):
     said = []
     # 108 training examples, 12 steps of 8: 0.89 passes.
