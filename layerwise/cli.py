@@ -31,7 +31,7 @@ def _train_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run methods side by side (one subprocess each) and compare cost")
     p.add_argument("config", nargs="?", help="YAML config shared by every method (optional)")
-    p.add_argument("--methods", default="full,lift,lisa,freeze,lora", help="comma-separated method names")
+    p.add_argument("--methods", help="comma-separated method names (default full,lift,lisa,freeze,lora; with --suite: every suite method)")
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--steps", type=int, default=30)
@@ -41,6 +41,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--eval", dest="eval_samples", type=int, default=0, help="held-out examples to evaluate after training (0 = skip)")
     p.add_argument("--output", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--suite", choices=["paper"], help="paper: every method on both packaged models, fp32 and bf16, report.md + charts (docs/benchmarks.md)")
+    p.add_argument("--quick", action="store_true", help="with --suite: fewer steps and sizes, same report (under 10 minutes on 2 CPU cores)")
+    p.add_argument("--models", help="with --suite: comma-separated models (minilm, smollm2, tiny-bert, tiny-llama; default minilm,smollm2)")
+    p.add_argument("--precisions", help="with --suite: fp32, bf16 or both (default)")
+    p.add_argument("--no-scaling", action="store_true", help="with --suite: skip the depth/length/batch scaling runs")
 
 
 def _probe_parser(sub) -> None:
@@ -132,7 +137,21 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
+    from .errors import ConfigError
 
+    suite_only = [f for f, v in (("--quick", args.quick), ("--models", args.models), ("--precisions", args.precisions),
+                                 ("--no-scaling", args.no_scaling)) if v]
+    if args.suite:
+        from .suite import run_suite
+
+        given = [f for f, v in (("config", args.config), ("--model", args.model), ("--data", args.data), ("--set", args.overrides)) if v]
+        if given:
+            raise ConfigError(f"--suite runs its own models, data and settings: drop {', '.join(given)} (use --models, --methods, --precisions, --quick)")
+        run_suite(args)
+        return 0
+    if suite_only:
+        raise ConfigError(f"{', '.join(suite_only)} only apply with --suite paper")
+    args.methods = args.methods or "full,lift,lisa,freeze,lora"
     run_bench(args, build_raw_config(args))
     return 0
 

@@ -1,0 +1,593 @@
+"""``layerwise bench --suite paper``: every method on both packaged models, side by side, with the
+hardware limit beside every number; writes ``DIR/report.md``, PNG charts and ``DIR/suite.json``.
+
+Per model and precision (fp32, bf16 autocast), each method runs in its own process (forked from
+the driver, so the imports are paid once; ``python -m layerwise.suite worker SPEC.json`` runs the
+same worker alone). One worker:
+
+1. trains ``steps`` optimizer steps at the shared batch, padded length and seed, on a constant
+   learning rate, evaluating on held-out data every ``eval_every`` steps (evaluation time is not
+   training time), then keeps training until ``time_budget`` seconds of training (full's time for
+   ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
+2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
+   other) and compares each with the cost model's prediction for the plans the steps really ran
+   (:mod:`layerwise.costmodel`, profiled once per model and precision);
+3. predicts with :func:`layerwise.plan.measure_method` the largest batch that fits the memory budget
+   (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
+
+Scaling (``full``, ``lift``, ``lora``, ``meft`` on tiny random Llama models built in code): step
+time and training memory vs depth, sequence length and batch, with a fitted slope.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import ConfigError
+
+#: (label, method settings); lift's switch_every and lisa's follow the step budget (one pass of the schedule).
+SUITE_METHODS = (
+    ("full", {"name": "full"}),
+    ("freeze", {"name": "freeze"}),
+    ("lift_bottom_up", {"name": "lift", "schedule": "bottom_up"}),
+    ("lift_top_down", {"name": "lift", "schedule": "top_down"}),
+    ("lift_random", {"name": "lift", "schedule": "random"}),
+    ("lisa", {"name": "lisa"}),
+    ("lora", {"name": "lora"}),
+    ("salf", {"name": "salf", "budget": 0.5}),
+    ("ist", {"name": "ist"}),
+    ("meft", {"name": "meft"}),
+)
+#: What the packaged models train on (the decoder as causal LM on BoolQ prompt + answer).
+MODELS = {"minilm": "rotten_tomatoes", "smollm2": "boolq", "tiny-bert": "rotten_tomatoes", "tiny-llama": "boolq"}
+PRESETS = {
+    # steps: step budget (also the equal-batch window); eval_every/eval_samples: the quality curve;
+    # memory_steps/batch_cap: the equal-memory run; scaling: sizes per axis and steps per point.
+    "full": {
+        "minilm": dict(seq_len=64, batch_size=8, steps=40, eval_every=10, eval_samples=256, train_samples=None),
+        "smollm2": dict(seq_len=64, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=4000),
+        "tiny": dict(seq_len=32, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=512),
+        "memory_steps": 5, "batch_cap": 64, "salf_samples": 256,
+        "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
+    },
+    "quick": {
+        "minilm": dict(seq_len=64, batch_size=8, steps=11, eval_every=5, eval_samples=64, train_samples=2000),
+        "smollm2": dict(seq_len=32, batch_size=4, steps=4, eval_every=2, eval_samples=16, train_samples=500),
+        "tiny": dict(seq_len=16, batch_size=4, steps=4, eval_every=2, eval_samples=16, train_samples=64),
+        "memory_steps": 3, "batch_cap": 32, "salf_samples": 32,
+        "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
+    },
+}
+SCALING_METHODS = ("full", "lift", "lora", "meft")
+PRECISIONS = ("fp32", "bf16")
+PHASES = ("method_hook", "forward", "backward", "optimizer", "other")
+#: What a phase's measured excess over the cost model is, by method (the number itself is measured).
+CAUSES = {
+    "meft": {"backward": "reversible backward: block inputs recomputed from outputs"},
+    "ist": {"method_hook": "importance loop: probe forward passes every probe_every steps"},
+    "salf": {"method_hook": "probe"},
+}
+OVERHEAD_THRESHOLD = 85.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models (tests and scaling): built in code from transformers' configs.
+
+
+def tiny_config(family: str, layers: int, hidden: int = 64, vocab: int = 30522, positions: int = 512):
+    from transformers import BertConfig, LlamaConfig
+
+    if family == "bert":
+        return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=2)
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, pad_token_id=0,
+                       tie_word_embeddings=False)
+
+
+def build_tiny(spec: str, folder: Path) -> str:
+    """``tiny-bert`` / ``tiny-llama`` (4 blocks, hidden 64, MiniLM's tokenizer) saved under ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification, LlamaForCausalLM
+
+    from .models import resolve_model_path
+
+    family = spec.split("-", 1)[1]
+    torch.manual_seed(0)
+    cls = BertForSequenceClassification if family == "bert" else LlamaForCausalLM
+    cls(tiny_config(family, 4)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model_path("minilm")).save_pretrained(folder)
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: each measurement in its own forked child, output to a log file.
+
+
+def _child(fn, log_path: Path, args: tuple) -> None:
+    fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 0
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - reported through the log and the exit status
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def in_process(fn, log_path: Path, *args) -> None:
+    """Run ``fn(*args)`` in a forked child process (fresh memory peak, own threads); raise if it fails."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(fn, log_path, args))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        raise ConfigError(f"suite step failed: {lines[-1] if lines else '(no output)'} (full log: {log_path})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one method, one model, one precision.
+
+
+class PhaseClock:
+    """Seconds per phase of :meth:`Trainer.train_step`: the method's ``before_step`` hook, the model's
+    forward (root module hooks), backward (forward end to optimizer step start: ``loss.backward`` and
+    gradient clipping), the optimizer step, and the rest (data, plan switch, zero_grad, scheduler)."""
+
+    def __init__(self, trainer):
+        from time import perf_counter
+
+        self.total = dict.fromkeys(PHASES[:-1], 0.0)
+        self._in_hook = False
+        self._f0 = self._f1 = 0.0
+        method, opt = trainer.method, trainer.optimizer
+        before, step = method.before_step, opt.step
+
+        def timed_before(index):
+            t0, self._in_hook = perf_counter(), True
+            try:
+                before(index)
+            finally:
+                self._in_hook = False
+                self.total["method_hook"] += perf_counter() - t0
+
+        def pre(module, args, kwargs):
+            if not self._in_hook:
+                self._f0 = perf_counter()
+
+        def post(module, args, kwargs, out):
+            if not self._in_hook:
+                self._f1 = perf_counter()
+                self.total["forward"] += self._f1 - self._f0
+
+        def timed_step(*a, **k):
+            t0 = perf_counter()
+            self.total["backward"] += t0 - self._f1
+            try:
+                return step(*a, **k)
+            finally:
+                self.total["optimizer"] += perf_counter() - t0
+
+        method.before_step = timed_before
+        opt.step = timed_step
+        self.handles = [trainer.model.register_forward_pre_hook(pre, with_kwargs=True),
+                        trainer.model.register_forward_hook(post, with_kwargs=True)]
+
+    def snapshot(self) -> dict:
+        return dict(self.total)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _resolve_worker(spec: dict, batch_size: int, output: Path):
+    from .config import resolve
+
+    raw = {
+        "model": spec["model_path"],
+        "data": {"source": spec["data"], "max_length": spec["seq_len"], "padding": "max_length",
+                 "max_train_samples": spec["train_samples"], "max_eval_samples": spec["eval_samples"]},
+        "method": spec["method"],
+        "output": str(output),
+        "train": {"max_steps": 100 * spec["steps"], "batch_size": batch_size, "bf16": spec["precision"] == "bf16",
+                  "lr_schedule": "constant", "warmup_steps": 0, "seed": spec["seed"], "progress": False,
+                  "save_model": False, "eval_before": False, "eval_after": False, "device": "cpu"},
+    }
+    return resolve(raw)
+
+
+def _load_profile(path: str):
+    from .costmodel import Profile
+
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    return Profile(**{k: v for k, v in json.loads(Path(path).read_text())["profile"].items() if k in fields})
+
+
+def predicted_phases(profile, plan, n_trainable: int, adapter_only: bool, frozen_eval: bool) -> dict:
+    """The cost model's step time for ``plan`` split into forward, backward and optimizer."""
+    total = profile.predict(plan, n_trainable, adapter_only=adapter_only, frozen_eval=frozen_eval)
+    forward = profile.forward
+    if frozen_eval and profile.forward_blocks_eval:
+        forward += sum(e - t for i, (t, e) in enumerate(zip(profile.forward_blocks, profile.forward_blocks_eval)) if i not in plan.blocks)
+    optimizer = profile.optimizer_per_param * n_trainable
+    return {"forward": forward, "backward": total - forward - optimizer, "optimizer": optimizer, "total": total}
+
+
+def _evaluate(trainer, eval_loader, run) -> dict:
+    from .engine import evaluate
+
+    return evaluate(trainer.model, eval_loader, run.task, run.device, run.cfg.train.bf16)
+
+
+def run_worker(spec: dict) -> dict:
+    """One method on one model at one precision (see the module docstring); writes ``spec['result']``."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .costmodel import predicted_speedup
+    from .engine import Trainer
+    from .engine.trainer import BatchStream
+    from .plan import max_batch, measure_method, predict
+    from .run import Run
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(spec["threads"])
+    work = Path(spec["workdir"])
+    cfg, mcfg = _resolve_worker(spec, spec["batch_size"], work / "run")
+    run = Run(cfg, mcfg, log=print)
+    train_loader, eval_loader = run.loaders()
+    trainer = Trainer(run.model, run.method, cfg.train, BatchStream(train_loader), device=run.device)
+    clock = PhaseClock(trainer)
+    metric = "accuracy" if run.task == "classification" else "loss"
+    steps, every, budget_s = spec["steps"], spec["eval_every"], spec.get("time_budget")
+    points = [{"step": 0, "seconds": 0.0, **_evaluate(trainer, eval_loader, run)}]
+    rows, plans, seconds = [], [], 0.0
+    at_steps = at_time = None
+    while True:
+        before = clock.snapshot()
+        rec = trainer.train_step()
+        seconds += rec.seconds
+        after = clock.snapshot()
+        row = {k: after[k] - before[k] for k in after}
+        row["other"] = rec.seconds - sum(row.values())
+        row.update(step=rec.step, seconds=rec.seconds, tokens=rec.tokens, activations=rec.bytes["activations"])
+        rows.append(row)
+        plans.append(rec.plan)
+        done = rec.step + 1
+        crossed = budget_s is not None and at_time is None and seconds >= budget_s
+        if done % every == 0 or done == steps or crossed:
+            points.append({"step": done, "seconds": seconds, **_evaluate(trainer, eval_loader, run)})
+        if done == steps:
+            at_steps = points[-1]
+        if crossed:
+            at_time = points[-1]
+        if done >= steps and (budget_s is None or at_time is not None or done >= spec["max_steps"]):
+            break
+    clock.close()
+    if at_time is None:
+        at_time = at_steps  # no budget (this is full, which sets it) or the cap was reached first
+    timed = rows[1:steps] if steps > 1 else rows
+    tokens = sum(r["tokens"] for r in timed)
+    step_seconds = sum(r["seconds"] for r in timed)
+    phases = {k: statistics.fmean(r[k] for r in timed) for k in PHASES}
+    # The cost model on the plans these steps really ran.
+    profile = _load_profile(spec["profile"])
+    method = run.method
+    ran = {i: plans[i] for i in range(1, min(steps, len(plans)))} or {0: plans[0]}
+    replay = type("Replay", (), {"plan": lambda self, s: ran[s + min(ran)], "parameters": staticmethod(method.parameters),
+                                 "adapter_only": method.adapter_only})()
+    frozen_eval = not cfg.train.frozen_dropout
+    pred = predicted_speedup(profile, replay, len(ran), frozen_eval=frozen_eval)
+    per_plan = [predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in ran.values()]
+    pred["phases"] = {k: statistics.fmean(d[k] for d in per_plan) for k in ("forward", "backward", "optimizer", "total")}
+    result = {
+        "label": spec["label"], "method": method.name, "method_config": dataclasses.asdict(mcfg), "precision": spec["precision"],
+        "command": spec["command"], "task": run.task, "metric": metric,
+        "equal_batch": {
+            "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": len(timed),
+            "tokens_per_s": tokens / step_seconds, "step_seconds": step_seconds / len(timed),
+            "memory": {k: int(v) for k, v in trainer.totals.peak.items()},
+            "peak_rss_bytes": trainer.peak_memory.peak_bytes(),
+            "trainable_parameters_max": trainer.max_trainable,
+            "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "phases": phases, "predicted": pred, "plans": sorted({p.describe() for p in ran.values()}),
+            "method_log": {k: v for k, v in method.log_values().items() if isinstance(v, (int, float, str))},
+        },
+        "quality": {"metric": metric, "step_budget": steps, "time_budget_s": budget_s, "train_seconds": seconds,
+                    "points": points, "at_steps": at_steps, "at_time": at_time},
+    }
+    # Equal memory: the largest batch within the budget (layerwise plan's prediction), measured there.
+    entry = measure_method(cfg, spec["method"], run.task, spec["seq_len"], num_labels=len(run.label_names) if run.label_names else None)
+    entry.pop("_method", None)
+    full_at = predict(entry, spec["budget_batch"])
+    mem = {"prediction": {k: v for k, v in entry.items() if not k.startswith("_") and k != "config"}, "predicted_at_budget_batch": full_at}
+    budget = spec.get("memory_budget") or full_at["total"]
+    batch = max_batch(entry, budget)
+    mem.update(budget_bytes=budget, max_batch_predicted=batch, batch_size=min(batch, spec["batch_cap"]), capped=batch > spec["batch_cap"])
+    if mem["batch_size"] >= 1:
+        run.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mem["batch_size"]))
+        big_loader, _ = run.loaders()
+        trainer = Trainer(run.model, run.method, run.cfg.train, BatchStream(big_loader), device=run.device)
+        recs = [trainer.train_step() for _ in range(spec["memory_steps"])][1:]
+        mem.update(tokens_per_s=sum(r.tokens for r in recs) / sum(r.seconds for r in recs),
+                   memory={k: int(v) for k, v in trainer.totals.peak.items()}, steps=len(recs))
+    result["equal_memory"] = mem
+    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_scaling(spec: dict) -> None:
+    """Step time and training memory of one method over the depth, length and batch axes."""
+    import torch
+
+    from .anatomy import find_anatomy
+    from .engine import Trainer
+    from .methods import create_method, method_config
+    from .methods.base import RunContext
+    from .plan import _repeat, _synthetic_batch
+
+    torch.set_num_threads(spec["threads"])
+    from transformers import AutoModelForCausalLM
+
+    from .config import TrainConfig
+
+    out = {}
+    for axis, values in spec["axes"].items():
+        rows = []
+        for x in values:
+            size = {"depth": spec["depth"], "seq_len": spec["seq_len"], "batch": spec["batch"], axis: x}
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config("llama", size["depth"], positions=max(512, size["seq_len"])))
+            anatomy = find_anatomy(model)
+            raw = dict(spec["method"])
+            if raw["name"] == "lift":
+                raw["switch_every"] = 1
+            method = create_method(method_config(raw), anatomy, task="causal_lm", seed=0, max_steps=10**6)
+            method.context = RunContext(device=torch.device("cpu"), task="causal_lm")
+            prepared = method.prepare(model)
+            if prepared is not model:
+                method.anatomy = find_anatomy(prepared)
+            tcfg = TrainConfig(max_steps=10**6, batch_size=size["batch"], warmup_steps=0, progress=False, device="cpu")
+            trainer = Trainer(prepared, method, tcfg, _repeat(_synthetic_batch(prepared, "causal_lm", size["batch"], size["seq_len"])),
+                              device=torch.device("cpu"))
+            times = []
+            n = spec["steps"]
+            for i in range(n):
+                if raw["name"] == "lift":
+                    # One step per phase, spread evenly over the whole top-down schedule.
+                    trainer.step_index = round(i * (size["depth"] - 1) / max(n - 1, 1))
+                times.append(trainer.train_step().seconds)
+            rows.append({"x": x, **size, "step_seconds": statistics.median(times[1:] or times),
+                         "memory": {k: int(v) for k, v in trainer.totals.peak.items()}})
+        out[axis] = {"points": rows, **fit(rows)}
+    Path(spec["result"]).write_text(json.dumps(out, indent=2))
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least-squares slopes of step time and training memory over the axis value."""
+    import numpy as np
+
+    x = np.array([r["x"] for r in rows], dtype=float)
+    t = np.array([r["step_seconds"] for r in rows])
+    m = np.array([r["memory"]["total"] for r in rows], dtype=float)
+    (st, it), (sm, im) = np.polyfit(x, t, 1), np.polyfit(x, m, 1)
+    return {"slope_seconds": float(st), "intercept_seconds": float(it), "slope_bytes": float(sm), "intercept_bytes": float(im)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver.
+
+
+def _machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _labels(methods: str | None) -> list[tuple[str, dict]]:
+    known = dict(SUITE_METHODS)
+    if not methods:
+        return list(SUITE_METHODS)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if "lift" in names:  # "lift" means every schedule
+        i = names.index("lift")
+        names[i:i + 1] = [n for n in known if n.startswith("lift_")]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"--methods: '{bad[0]}' is not a suite method: choose from {', '.join(known)}")
+    if "full" not in names:
+        names.insert(0, "full")  # every ratio is against full, measured in the same invocation
+    return [(n, known[n]) for n in sorted(names, key=list(known).index)]
+
+
+def _preload() -> None:
+    """Import once in the driver what every worker needs, and keep loaded (untokenized) data splits:
+    forked workers inherit both, so each pays only for its own model and measurements."""
+    import importlib
+
+    from . import run
+
+    for name in ("datasets", "peft", "layerwise.methods.ist", "layerwise.methods.meft", "layerwise.methods.salf", "layerwise.probe",
+                 "layerwise.plan", "layerwise.costmodel", "layerwise.profile_cli", "transformers.models.bert.modeling_bert",
+                 "transformers.models.llama.modeling_llama"):
+        importlib.import_module(name)
+    if getattr(run.load_splits, "suite_cache", None) is None:
+        load, cache = run.load_splits, {}
+
+        def cached(cfg, task):
+            key = (repr(cfg), task)
+            if key not in cache:
+                cache[key] = load(cfg, task)
+            return cache[key]
+
+        cached.suite_cache = cache
+        run.load_splits = cached
+
+
+def _warm_data(spec: dict) -> None:
+    """Load the worker's data splits in the driver (kept by :func:`_preload`'s cache) before forking."""
+    from . import run
+    from .models import default_task_for, resolve_model_path
+
+    cfg, _ = _resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))
+    run.load_splits(cfg.data, default_task_for(resolve_model_path(cfg.model)))
+
+
+def run_suite(args) -> dict:
+    from .bench import _method_raw, _num_blocks
+    from .plan import method_defaults
+    from .profile_cli import main as profile_main
+
+    if args.suite != "paper":
+        raise ConfigError(f"--suite '{args.suite}': the only suite is 'paper'")
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"suite output folder '{out}' already exists and is not empty: pass a new --output")
+    preset = PRESETS["quick" if args.quick else "full"]
+    models = [m.strip() for m in (args.models or "minilm,smollm2").split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise ConfigError(f"--models: '{m}' is not a suite model: choose from {', '.join(MODELS)}")
+    precisions = [p.strip() for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p.strip()]
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise ConfigError(f"--precisions: choose from {', '.join(PRECISIONS)}")
+    labels = _labels(args.methods)
+    _preload()
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("specs", "results", "logs", "work", "models"):
+        (out / sub).mkdir()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    command = "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "layerwise bench --suite paper"
+    report = {"command": command, "quick": bool(args.quick), "machine": _machine(), "methods": [l for l, _ in labels],
+              "precisions": precisions, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
+    t_start = time.perf_counter()
+    for model in models:
+        path = model
+        if model.startswith("tiny-"):
+            path = str(out / "models" / model)
+            in_process(build_tiny, out / "logs" / f"{model}-build.log", model, Path(path))
+        size = preset["tiny" if model.startswith("tiny-") else model]
+        num_blocks = _num_blocks(path)
+        entry = {"model": model, "model_path": path, "data": MODELS[model], "num_blocks": num_blocks, **size,
+                 "budget_batch": 8, "profiles": {}, "runs": {}}
+        report["models"][model] = entry
+        for prec in precisions:
+            # Cost model: one profiled full fine-tuning step at this batch, length and precision.
+            cfg_dir = out / "specs" / f"{model}-{prec}"
+            cfg_dir.mkdir()
+            import yaml
+
+            base = {"model": path, "data": {"source": MODELS[model], "max_length": size["seq_len"], "padding": "max_length",
+                                             "max_train_samples": size["train_samples"]},
+                    "train": {"batch_size": size["batch_size"], "bf16": prec == "bf16", "device": "cpu"}, "method": {"name": "full"}}
+            (cfg_dir / "full.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+            prof_path = out / "results" / f"{model}-{prec}-profile.json"
+            argv = ["layerwise.profile_cli", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(prof_path)]
+            print(f"[{model} {prec}] profiling the cost model ...", flush=True)
+            in_process(_with_argv(profile_main, argv), out / "logs" / f"{model}-{prec}-profile.log")
+            entry["profiles"][prec] = {"path": str(prof_path.relative_to(out)), "command": "python -m " + " ".join(shlex.quote(a) for a in argv)}
+            runs = entry["runs"][prec] = {}
+            budget_time = budget_mem = None
+            for label, mraw in labels:
+                raw = _method_raw({"method": mraw}, mraw["name"], size["steps"], num_blocks, variant=mraw)["method"]
+                if raw == {"name": "freeze"}:
+                    raw = method_defaults("freeze", num_blocks)
+                if raw["name"] == "lisa":
+                    raw.setdefault("switch_every", max(1, size["steps"] // max(1, num_blocks // raw.get("k", 2))))
+                if raw["name"] == "salf":
+                    raw.setdefault("samples", preset["salf_samples"])
+                name = f"{model}-{prec}-{label}"
+                spec_path = out / "specs" / f"{name}.json"
+                spec = {"model": model, "model_path": path, "data": MODELS[model], "label": label, "method": raw, "precision": prec,
+                        "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
+                        "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
+                        "time_budget": budget_time, "max_steps": 20 * size["steps"], "memory_budget": budget_mem, "budget_batch": 8,
+                        "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path),
+                        "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
+                        "command": f"python -m layerwise.suite worker {spec_path}"}
+                spec_path.write_text(json.dumps(spec, indent=2))
+                _warm_data(spec)
+                t0 = time.perf_counter()
+                print(f"[{model} {prec}] {label} ...", end=" ", flush=True)
+                in_process(run_worker, out / "logs" / f"{name}.log", spec)
+                res = json.loads(Path(spec["result"]).read_text())
+                runs[label] = res
+                if label == "full":
+                    budget_time = res["quality"]["at_steps"]["seconds"]
+                    budget_mem = res["equal_memory"]["budget_bytes"]
+                    entry.setdefault("time_budget_s", {})[prec] = budget_time
+                    entry.setdefault("memory_budget_bytes", {})[prec] = budget_mem
+                eb = res["equal_batch"]
+                print(f"{eb['tokens_per_s']:.0f} tokens/s, {eb['memory']['total'] / 2**20:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not args.no_scaling:
+        report["scaling"] = _scaling(out, preset, threads, report)
+    report["wall_seconds"] = time.perf_counter() - t_start
+    report["machine"]["load_average_end"] = os.getloadavg()
+    (out / "suite.json").write_text(json.dumps(report, indent=2))
+    from .suite_report import render
+
+    (out / "report.md").write_text(render(report, out))
+    print(f"report: {out / 'report.md'} ({report['wall_seconds']:.0f} s)")
+    return report
+
+
+def _with_argv(fn, argv: list[str]):
+    def call():
+        sys.argv = list(argv)
+        fn()
+
+    return call
+
+
+def _scaling(out: Path, preset: dict, threads: int, report: dict) -> dict:
+    sizes = preset["scaling"]
+    base = {"depth": 8, "seq_len": 64 if max(sizes["seq_len"]) >= 64 else sizes["seq_len"][0], "batch": 4}
+    result = {"family": "llama (tiny, hidden 64, 4 heads, built from LlamaConfig)", "base": base, "axes": list(sizes)[:3], "methods": {}}
+    for name in SCALING_METHODS:
+        spec = {"method": {"name": name}, "axes": {k: sizes[k] for k in ("depth", "seq_len", "batch")}, "steps": sizes["steps"],
+                "threads": threads, **base, "result": str(out / "results" / f"scaling-{name}.json")}
+        spec_path = out / "specs" / f"scaling-{name}.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        print(f"[scaling] {name} ...", flush=True)
+        in_process(run_scaling, out / "logs" / f"scaling-{name}.log", spec)
+        result["methods"][name] = {"command": f"python -m layerwise.suite scaling {spec_path}", **json.loads(Path(spec["result"]).read_text())}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m layerwise.suite worker|scaling SPEC.json``: one suite measurement alone."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in ("worker", "scaling"):
+        raise SystemExit("usage: python -m layerwise.suite worker|scaling SPEC.json")
+    spec = json.loads(Path(argv[1]).read_text())
+    (run_worker if argv[0] == "worker" else run_scaling)(copy.deepcopy(spec))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    main()

@@ -1,0 +1,318 @@
+"""``report.md`` and the PNG charts of ``layerwise bench --suite paper``, from ``suite.json`` alone.
+
+Every ratio is computed here from the measured numbers in ``suite.json`` (tokens/s, bytes,
+seconds), never stored and copied: the tests recompute each one from the JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MiB = 2**20
+COMPONENTS = ("weights", "grads", "optimizer", "activations")
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
+
+
+def ratios(runs: dict) -> dict:
+    """Per method: throughput gain and memory saving over full, ideal speedup, percent of ideal (equal batch)."""
+    full = runs["full"]["equal_batch"]
+    out = {}
+    for label, r in runs.items():
+        eb = r["equal_batch"]
+        gain = eb["tokens_per_s"] / full["tokens_per_s"]
+        ideal = eb["predicted"]["predicted_speedup"]
+        out[label] = {"gain": gain, "saving": full["memory"]["total"] / eb["memory"]["total"], "ideal": ideal,
+                      "percent": 100.0 * gain / ideal if ideal else None}
+    return out
+
+
+def overheads(runs: dict, threshold: float) -> dict:
+    """Methods under ``threshold`` percent of ideal: measured seconds per step above the cost model, by phase.
+
+    The cost model's phases are scaled by (full's measured step / full's predicted step), so the
+    phase excesses add up to (measured step - ideal step) of the method."""
+    full = runs["full"]["equal_batch"]
+    scale = full["step_seconds"] / full["predicted"]["phases"]["total"]
+    r = ratios(runs)
+    out = {}
+    for label, run in runs.items():
+        if r[label]["percent"] is None or r[label]["percent"] >= threshold:
+            continue
+        eb = run["equal_batch"]
+        pred = eb["predicted"]["phases"]
+        expected = {"method_hook": 0.0, "forward": pred["forward"] * scale, "backward": pred["backward"] * scale,
+                    "optimizer": pred["optimizer"] * scale, "other": 0.0}
+        excess = {k: eb["phases"][k] - v for k, v in expected.items()}
+        out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": pred["total"] * scale, "excess": excess}
+    return out
+
+
+def _f(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _metric(point: dict | None, metric: str) -> str:
+    return "n/a" if not point else f"{point[metric]:.4f}"
+
+
+def render(report: dict, out: Path) -> str:
+    from .suite import CAUSES
+
+    m = report["machine"]
+    lines = [
+        "# layerwise benchmark suite: the papers' comparisons, with the hardware limit beside each number",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, OMP_NUM_THREADS={m['omp_num_threads']}, "
+        f"OMP_WAIT_POLICY={m['omp_wait_policy']}; load average (1 min) {m['load_average_start'][0]:.1f} at start, "
+        f"{m['load_average_end'][0]:.1f} at end; {m['date']}; whole suite {report['wall_seconds']:.0f} s"
+        f"{' (--quick: fewer steps and sizes)' if report['quick'] else ''}.",
+        "",
+        "Every method runs in its own process on the same data, seed and padded length; ratios are against `full` "
+        "measured in the same invocation at the same precision (fp32 and bf16 autocast are never compared with each other). "
+        "Raw numbers, per-step phase times and the command of every measurement: `suite.json` (and `results/`, `logs/`).",
+        "",
+        "- **Peak training memory**: weights + gradients + optimizer state + bytes saved for backward, each at its peak "
+        "(layerwise's meter; summary.json `memory.total`).",
+        "- **ideal x**: the cost model's tokens/s ratio over `full` for the plans the timed steps ran, from per-block forward "
+        "and backward times profiled on this machine (docs/cost-model.md). **% of ideal** = measured x / ideal x. "
+        f"Under {report['threshold_percent_of_ideal']:.0f}%, the table below it names the measured overhead.",
+        "",
+    ]
+    for model, entry in report["models"].items():
+        lines += _model_section(model, entry, report, out, CAUSES)
+    if report.get("scaling"):
+        lines += _scaling_section(report["scaling"], out)
+    return "\n".join(lines) + "\n"
+
+
+def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dict) -> list[str]:
+    precs = list(entry["runs"])
+    first = next(iter(entry["runs"][precs[0]].values()))
+    lines = [
+        f"## {model} on {entry['data']} ({first['task']}, {entry['num_blocks']} blocks)",
+        "",
+        f"Batch {entry['batch_size']} x {entry['seq_len']} tokens (padded), step budget {entry['steps']} steps "
+        f"(the first step is not timed), constant learning rate; held-out {first['metric']} on {entry['eval_samples']} examples.",
+        "",
+    ]
+    for prec in precs:
+        runs = entry["runs"][prec]
+        r = ratios(runs)
+        lines += [
+            f"### Equal batch, {PRECISION_NAMES[prec]}",
+            "",
+            "| method | trainable params (max) | tokens/s | throughput gain x | peak training memory (MiB) | memory saving x | ideal x (cost model) | % of ideal |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, run in runs.items():
+            eb = run["equal_batch"]
+            lines.append(f"| {label} | {eb['trainable_parameters_max']:,} | {eb['tokens_per_s']:.1f} | {r[label]['gain']:.2f} | "
+                         f"{eb['memory']['total'] / MiB:.1f} | {r[label]['saving']:.2f} | {_f(r[label]['ideal'], '.2f')} | "
+                         f"{_f(r[label]['percent'], '.0f')} |")
+        lines += ["", _phase_table(runs), ""]
+        over = overheads(runs, report["threshold_percent_of_ideal"])
+        if over:
+            lines += [f"Under {report['threshold_percent_of_ideal']:.0f}% of ideal, measured seconds per step above the cost model "
+                      "(scaled to full's measured step), by phase:", ""]
+            for label, o in over.items():
+                parts = sorted(o["excess"].items(), key=lambda kv: -kv[1])
+                named = [f"{k} +{v:.4f} s" + (f" ({causes[runs[label]['method']][k]})" if k in causes.get(runs[label]["method"], {}) else "")
+                         for k, v in parts if v > 0.01 * o["step_seconds"]]
+                lines.append(f"- **{label}** ({100 * o['ideal_step_seconds'] / o['step_seconds']:.0f}% of ideal): step "
+                             f"{o['step_seconds']:.4f} s measured vs {o['ideal_step_seconds']:.4f} s ideal; " + "; ".join(named))
+            lines.append("")
+    lines += [f"![equal batch]({_chart_equal_batch(model, entry, out)})", "", f"![memory breakdown]({_chart_memory(model, entry, out)})", ""]
+    lines += _equal_memory(model, entry, out) + _quality(model, entry, out)
+    return lines
+
+
+def _phase_table(runs: dict) -> str:
+    rows = ["| method | method hook s | forward s | backward s | optimizer s | other s | step s (measured) | cost model fwd / bwd / opt s |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, run in runs.items():
+        eb = run["equal_batch"]
+        ph, pr = eb["phases"], eb["predicted"]["phases"]
+        rows.append(f"| {label} | {ph['method_hook']:.4f} | {ph['forward']:.4f} | {ph['backward']:.4f} | {ph['optimizer']:.4f} | "
+                    f"{ph['other']:.4f} | {eb['step_seconds']:.4f} | {pr['forward']:.4f} / {pr['backward']:.4f} / {pr['optimizer']:.4f} |")
+    return ("Where the time goes (seconds per timed step; backward includes gradient clipping, other is data, plan "
+            "switches and zero_grad):\n\n" + "\n".join(rows))
+
+
+def _equal_memory(model: str, entry: dict, out: Path) -> list[str]:
+    lines = []
+    for prec, runs in entry["runs"].items():
+        full = runs["full"]["equal_memory"]
+        lines += [
+            f"### Throughput at equal memory, {PRECISION_NAMES[prec]}",
+            "",
+            f"Budget {full['budget_bytes'] / MiB:.1f} MiB: what `full` needs at batch {entry['budget_batch']} (layerwise plan's prediction). "
+            "Largest batch per method predicted by `layerwise plan` (activations affine in the batch, from two real steps), "
+            "capped at the suite's batch cap; tokens/s and training memory measured at that batch.",
+            "",
+            "| method | largest batch (predicted) | batch run | measured training memory (MiB) | % of budget | tokens/s | throughput gain x |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        ftps = full.get("tokens_per_s")
+        for label, run in runs.items():
+            em = run["equal_memory"]
+            if em["batch_size"] < 1:
+                lines.append(f"| {label} | 0 | - | - | does not fit | - | - |")
+                continue
+            cap = " (capped)" if em["capped"] else ""
+            lines.append(f"| {label} | {em['max_batch_predicted']} | {em['batch_size']}{cap} | {em['memory']['total'] / MiB:.1f} | "
+                         f"{100 * em['memory']['total'] / em['budget_bytes']:.1f} | "
+                         f"{em['tokens_per_s']:.1f} | {_f(em['tokens_per_s'] / ftps if ftps else None, '.2f')} |")
+        lines.append("")
+    lines += [f"![equal memory]({_chart_equal_memory(model, entry, out)})", ""]
+    return lines
+
+
+def _quality(model: str, entry: dict, out: Path) -> list[str]:
+    lines = []
+    for prec, runs in entry["runs"].items():
+        q0 = runs["full"]["quality"]
+        metric = q0["metric"]
+        budget = entry["time_budget_s"][prec]
+        lines += [
+            f"### Quality after {q0['step_budget']} steps and after {budget:.1f} s of training, {PRECISION_NAMES[prec]}",
+            "",
+            f"The time budget is `full`'s training time for the step budget; faster methods keep training until it is spent "
+            f"(evaluated at the first step past it). Held-out {metric} ({'higher' if metric == 'accuracy' else 'lower'} is better).",
+            "",
+            f"| method | {metric} before | {metric} after {q0['step_budget']} steps | training s for them | {metric} after {budget:.1f} s | steps in that time |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, run in runs.items():
+            q = run["quality"]
+            s, t = q["at_steps"], q["at_time"]
+            lines.append(f"| {label} | {_metric(q['points'][0], metric)} | {_metric(s, metric)} | {s['seconds']:.1f} | {_metric(t, metric)} | {t['step']} |")
+        lines.append("")
+    lines += [f"![quality vs seconds]({_chart_quality(model, entry, out)})", ""]
+    return lines
+
+
+def _scaling_section(sc: dict, out: Path) -> list[str]:
+    units = {"depth": ("block", "ms per block", "MiB per block"), "seq_len": ("token", "ms per token of length", "MiB per token of length"),
+             "batch": ("example", "ms per example", "MiB per example")}
+    lines = [
+        "## Scaling: step time and training memory vs depth, sequence length and batch",
+        "",
+        f"Tiny random models ({sc['family']}); base point: {sc['base']['depth']} blocks, length {sc['base']['seq_len']}, "
+        f"batch {sc['base']['batch']}; one axis varied at a time. Step time is the median of the timed steps (LIFT: one step "
+        "per phase, spread over the whole schedule). Slopes are least-squares fits.",
+        "",
+        "| method | " + " | ".join(f"{units[a][1]} | {units[a][2]}" for a in sc["axes"]) + " |",
+        "|---|" + "---:|---:|" * len(sc["axes"]),
+    ]
+    for name, res in sc["methods"].items():
+        cells = []
+        for a in sc["axes"]:
+            cells += [f"{1000 * res[a]['slope_seconds']:.3f}", f"{res[a]['slope_bytes'] / MiB:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"![scaling]({_chart_scaling(sc, out)})", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Charts: matplotlib's object API on an Agg canvas (no global backend change).
+
+
+def _figure(rows: int, cols: int, w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [[fig.add_subplot(rows, cols, r * cols + c + 1) for c in range(cols)] for r in range(rows)]
+    return fig, axes
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name)
+    return name
+
+
+def _per_precision(model: str, entry: dict, out: Path, name: str, draw) -> str:
+    """One panel per precision: ``draw(ax, prec, runs)`` fills it; the figure is saved as ``name-model.png``."""
+    precs = list(entry["runs"])
+    fig, axes = _figure(1, len(precs), 6.5 * len(precs), 4.5)
+    for ax, prec in zip(axes[0], precs):
+        title, ylabel, ticks = draw(ax, prec, entry["runs"][prec])
+        if ticks:
+            ax.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{model}, {title}, {PRECISION_NAMES[prec]}")
+        ax.legend(fontsize=7, ncol=2 if name == "quality" else 1)
+        ax.grid(True, axis="both" if name == "quality" else "y", alpha=0.3)
+    return _save(fig, out, f"{name}-{model}.png")
+
+
+def _chart_equal_batch(model: str, entry: dict, out: Path) -> str:
+    def draw(ax, prec, runs):
+        r = ratios(runs)
+        labels = list(r)
+        x = range(len(labels))
+        ax.bar([i - 0.27 for i in x], [r[k]["gain"] for k in labels], 0.27, label="throughput gain x")
+        ax.bar(list(x), [r[k]["ideal"] or 0 for k in labels], 0.27, label="ideal x (cost model)", alpha=0.6)
+        ax.bar([i + 0.27 for i in x], [r[k]["saving"] for k in labels], 0.27, label="memory saving x")
+        ax.axhline(1.0, color="black", lw=0.8)
+        return "equal batch", "x over full", labels
+
+    return _per_precision(model, entry, out, "equal_batch", draw)
+
+
+def _chart_memory(model: str, entry: dict, out: Path) -> str:
+    def draw(ax, prec, runs):
+        labels = list(runs)
+        bottom = [0.0] * len(labels)
+        for comp in COMPONENTS:
+            vals = [runs[k]["equal_batch"]["memory"][comp] / MiB for k in labels]
+            ax.bar(labels, vals, bottom=bottom, label=comp)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        return "training memory at equal batch", "MiB (each component at its peak)", labels
+
+    return _per_precision(model, entry, out, "memory", draw)
+
+
+def _chart_equal_memory(model: str, entry: dict, out: Path) -> str:
+    def draw(ax, prec, runs):
+        labels = [k for k in runs if runs[k]["equal_memory"]["batch_size"] >= 1]
+        bars = ax.bar(labels, [runs[k]["equal_memory"]["tokens_per_s"] for k in labels], label="tokens/s (bN: batch)")
+        for b, k in zip(bars, labels):
+            ax.annotate(f"b{runs[k]['equal_memory']['batch_size']}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        return f"equal memory ({runs['full']['equal_memory']['budget_bytes'] / MiB:.0f} MiB)", "tokens/s at the largest batch within budget", labels
+
+    return _per_precision(model, entry, out, "equal_memory", draw)
+
+
+def _chart_quality(model: str, entry: dict, out: Path) -> str:
+    def draw(ax, prec, runs):
+        metric = runs["full"]["quality"]["metric"]
+        for label, run in runs.items():
+            pts = run["quality"]["points"]
+            ax.plot([p["seconds"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, label=label)
+        ax.axvline(entry["time_budget_s"][prec], color="black", ls="--", lw=0.8, label="time budget")
+        ax.set_xlabel("training seconds (evaluation not counted)")
+        return "quality vs time", f"held-out {metric}", None
+
+    return _per_precision(model, entry, out, "quality", draw)
+
+
+def _chart_scaling(sc: dict, out: Path) -> str:
+    axes_names = sc["axes"]
+    fig, axes = _figure(2, len(axes_names), 4.5 * len(axes_names), 7)
+    for c, axis in enumerate(axes_names):
+        for name, res in sc["methods"].items():
+            pts = res[axis]["points"]
+            xs = [p["x"] for p in pts]
+            axes[0][c].plot(xs, [1000 * p["step_seconds"] for p in pts], marker="o", ms=3, label=name)
+            axes[1][c].plot(xs, [p["memory"]["total"] / MiB for p in pts], marker="o", ms=3, label=name)
+        axes[0][c].set_ylabel("step ms")
+        axes[1][c].set_ylabel("training memory MiB")
+        for r in (0, 1):
+            axes[r][c].set_xlabel({"depth": "blocks", "seq_len": "sequence length", "batch": "batch"}[axis])
+            axes[r][c].grid(True, alpha=0.3)
+            axes[r][c].legend(fontsize=7)
+    return _save(fig, out, "scaling.png")
