@@ -51,7 +51,8 @@ SUITE_METHODS = (
 #: What the packaged models train on (the decoder as causal LM on BoolQ prompt + answer).
 MODELS = {"minilm": "rotten_tomatoes", "smollm2": "boolq", "tiny-bert": "rotten_tomatoes", "tiny-llama": "boolq"}
 PRESETS = {
-    # steps: step budget (also the equal-batch window); eval_every/eval_samples: the quality curve;
+    # steps: step budget (also the equal-batch window; at least 11 so that IST's importance loop, every
+    # 10 steps, is inside it); eval_every/eval_samples: the quality curve;
     # memory_steps/batch_cap: the equal-memory run; scaling: sizes per axis and steps per point.
     "full": {
         "minilm": dict(seq_len=64, batch_size=8, steps=40, eval_every=10, eval_samples=256, train_samples=None),
@@ -62,10 +63,10 @@ PRESETS = {
     },
     "quick": {
         "minilm": dict(seq_len=64, batch_size=8, steps=11, eval_every=5, eval_samples=64, train_samples=2000),
-        "smollm2": dict(seq_len=32, batch_size=4, steps=4, eval_every=2, eval_samples=16, train_samples=500),
-        "tiny": dict(seq_len=16, batch_size=4, steps=4, eval_every=2, eval_samples=16, train_samples=64),
+        "smollm2": dict(seq_len=32, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=500),
+        "tiny": dict(seq_len=16, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=64),
         "memory_steps": 3, "batch_cap": 32, "salf_samples": 32,
-        "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
+        "scaling": dict(depth=[4, 12, 24, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
     },
 }
 SCALING_METHODS = ("full", "lift", "lora", "meft")
@@ -295,8 +296,8 @@ def run_worker(spec: dict) -> dict:
                                  "adapter_only": method.adapter_only})()
     frozen_eval = not cfg.train.frozen_dropout
     pred = predicted_speedup(profile, replay, len(ran), frozen_eval=frozen_eval)
-    per_plan = [predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in ran.values()]
-    pred["phases"] = {k: statistics.fmean(d[k] for d in per_plan) for k in ("forward", "backward", "optimizer", "total")}
+    by_plan = {p: predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in set(ran.values())}
+    pred["phases"] = {k: statistics.fmean(by_plan[p][k] for p in ran.values()) for k in ("forward", "backward", "optimizer", "total")}
     result = {
         "label": spec["label"], "method": method.name, "method_config": dataclasses.asdict(mcfg), "precision": spec["precision"],
         "command": spec["command"], "task": run.task, "metric": metric,
@@ -314,7 +315,9 @@ def run_worker(spec: dict) -> dict:
                     "points": points, "at_steps": at_steps, "at_time": at_time},
     }
     # Equal memory: the largest batch within the budget (layerwise plan's prediction), measured there.
-    entry = measure_method(cfg, spec["method"], run.task, spec["seq_len"], num_labels=len(run.label_names) if run.label_names else None)
+    # The plans of the step budget (the run's max_steps only keeps the constant learning rate going).
+    budget_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+    entry = measure_method(budget_cfg, spec["method"], run.task, spec["seq_len"], num_labels=len(run.label_names) if run.label_names else None)
     entry.pop("_method", None)
     full_at = predict(entry, spec["budget_batch"])
     mem = {"prediction": {k: v for k, v in entry.items() if not k.startswith("_") and k != "config"}, "predicted_at_budget_batch": full_at}
@@ -354,7 +357,8 @@ def run_scaling(spec: dict) -> None:
         for x in values:
             size = {"depth": spec["depth"], "seq_len": spec["seq_len"], "batch": spec["batch"], axis: x}
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(tiny_config("llama", size["depth"], positions=max(512, size["seq_len"])))
+            # A small vocabulary: the blocks, not the output layer, dominate the step.
+            model = AutoModelForCausalLM.from_config(tiny_config("llama", size["depth"], vocab=1000, positions=max(512, size["seq_len"])))
             anatomy = find_anatomy(model)
             raw = dict(spec["method"])
             if raw["name"] == "lift":
@@ -435,26 +439,42 @@ def _preload() -> None:
                  "layerwise.plan", "layerwise.costmodel", "layerwise.profile_cli", "transformers.models.bert.modeling_bert",
                  "transformers.models.llama.modeling_llama"):
         importlib.import_module(name)
-    if getattr(run.load_splits, "suite_cache", None) is None:
-        load, cache = run.load_splits, {}
+    _memoize(run, "load_splits", lambda cfg, task: (repr(cfg), task))
+    # Same splits object, same tokenizer files and special tokens, same data settings: same tokens.
+    _memoize(run, "tokenize_splits", lambda splits, tok, cfg, task: (id(splits), tok.name_or_path, tok.pad_token, tok.eos_token,
+                                                                      len(tok), repr(cfg), task))
 
-        def cached(cfg, task):
-            key = (repr(cfg), task)
-            if key not in cache:
-                cache[key] = load(cfg, task)
-            return cache[key]
 
-        cached.suite_cache = cache
-        run.load_splits = cached
+def _memoize(module, name: str, key) -> None:
+    fn = getattr(module, name)
+    if getattr(fn, "suite_cache", None) is not None:
+        return
+    cache: dict = {}
+
+    def cached(*args):
+        k = key(*args)
+        if k not in cache:
+            cache[k] = fn(*args)
+        return cache[k]
+
+    cached.suite_cache = cache
+    setattr(module, name, cached)
 
 
 def _warm_data(spec: dict) -> None:
-    """Load the worker's data splits in the driver (kept by :func:`_preload`'s cache) before forking."""
+    """Load and tokenize the worker's data in the driver (kept by :func:`_preload`'s caches) before forking."""
     from . import run
     from .models import default_task_for, resolve_model_path
 
+    from transformers import AutoTokenizer
+
+    from .models import _ensure_pad
+
     cfg, _ = _resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))
-    run.load_splits(cfg.data, default_task_for(resolve_model_path(cfg.model)))
+    task = default_task_for(resolve_model_path(cfg.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), local_files_only=True)
+    _ensure_pad(tokenizer, cfg.model)
+    run.tokenize_splits(run.load_splits(cfg.data, task), tokenizer, cfg.data, task)
 
 
 def run_suite(args) -> dict:
@@ -566,7 +586,7 @@ def _with_argv(fn, argv: list[str]):
 def _scaling(out: Path, preset: dict, threads: int, report: dict) -> dict:
     sizes = preset["scaling"]
     base = {"depth": 8, "seq_len": 64 if max(sizes["seq_len"]) >= 64 else sizes["seq_len"][0], "batch": 4}
-    result = {"family": "llama (tiny, hidden 64, 4 heads, built from LlamaConfig)", "base": base, "axes": list(sizes)[:3], "methods": {}}
+    result = {"family": "llama (tiny: hidden 64, 4 heads, vocabulary 1000, built from LlamaConfig)", "base": base, "axes": list(sizes)[:3], "methods": {}}
     for name in SCALING_METHODS:
         spec = {"method": {"name": name}, "axes": {k: sizes[k] for k in ("depth", "seq_len", "batch")}, "steps": sizes["steps"],
                 "threads": threads, **base, "result": str(out / "results" / f"scaling-{name}.json")}
