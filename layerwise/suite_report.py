@@ -43,7 +43,8 @@ def overheads(runs: dict, threshold: float) -> dict:
         expected = {"method_hook": 0.0, "forward": pred["forward"] * scale, "backward": pred["backward"] * scale,
                     "optimizer": pred["optimizer"] * scale, "other": 0.0}
         excess = {k: eb["phases"][k] - v for k, v in expected.items()}
-        out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": pred["total"] * scale, "excess": excess}
+        out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": pred["total"] * scale, "excess": excess,
+                      "percent": r[label]["percent"]}
     return out
 
 
@@ -119,7 +120,7 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
                 parts = sorted(o["excess"].items(), key=lambda kv: -kv[1])
                 named = [f"{k} +{v:.4f} s" + (f" ({causes[runs[label]['method']][k]})" if k in causes.get(runs[label]["method"], {}) else "")
                          for k, v in parts if v > 0.01 * o["step_seconds"]]
-                lines.append(f"- **{label}** ({100 * o['ideal_step_seconds'] / o['step_seconds']:.0f}% of ideal): step "
+                lines.append(f"- **{label}** ({o['percent']:.0f}% of ideal): step "
                              f"{o['step_seconds']:.4f} s measured vs {o['ideal_step_seconds']:.4f} s ideal; " + "; ".join(named))
             lines.append("")
     lines += [f"![equal batch]({_chart_equal_batch(model, entry, out)})", "", f"![memory breakdown]({_chart_memory(model, entry, out)})", ""]

@@ -1,0 +1,160 @@
+"""``layerwise bench --suite paper --quick`` on a tiny random model: report structure, charts, JSON,
+and every ratio in the report recomputed from the measured numbers in suite.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from layerwise.cli import main
+
+METHODS = ["full", "lift_top_down", "salf", "ist", "meft"]
+
+
+def tables(md: str) -> dict[str, list[dict]]:
+    """Markdown tables by the heading above them (the first table after it): rows as {header: cell}."""
+    out: dict[str, list[dict]] = {}
+    heading = None
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            heading = line.lstrip("# ").strip()
+        elif line.startswith("|") and heading and heading not in out and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(head, (c.strip() for c in row.strip("|").split("|")))))
+            out[heading] = rows
+    return out
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite") / "report"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "layerwise", "bench", "--suite", "paper", "--quick", "--models", "tiny-llama",
+           "--methods", ",".join(METHODS), "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, json.loads((out / "suite.json").read_text()), (out / "report.md").read_text()
+
+
+def test_report_structure_charts_and_json(suite):
+    out, data, md = suite
+    assert set(data) >= {"command", "machine", "methods", "precisions", "models", "scaling", "wall_seconds"}
+    assert data["command"].startswith("layerwise bench --suite paper --quick")
+    entry = data["models"]["tiny-llama"]
+    assert set(entry["runs"]) == {"fp32", "bf16"} and set(entry["profiles"]) == {"fp32", "bf16"}
+    for prec, runs in entry["runs"].items():
+        assert list(runs) == METHODS
+        for label, run in runs.items():
+            assert run["precision"] == prec and run["command"].startswith("python -m layerwise.suite worker ")
+            eb = run["equal_batch"]
+            # Each component at its own peak: the total (peak of the per-step sums) is at most their sum.
+            assert eb["tokens_per_s"] > 0 and 0 < eb["memory"]["total"] <= sum(eb["memory"][k] for k in ("weights", "grads", "optimizer", "activations"))
+            assert set(eb["phases"]) == {"method_hook", "forward", "backward", "optimizer", "other"}
+            assert eb["predicted"]["predicted_speedup"] > 0
+            q = run["quality"]
+            assert q["at_steps"]["step"] == entry["steps"] and q["points"][0]["step"] == 0
+            assert q["at_time"]["seconds"] >= entry["time_budget_s"][prec] or q["at_time"]["step"] >= entry["steps"]
+            assert "budget_bytes" in run["equal_memory"] and run["equal_memory"]["batch_size"] >= 1
+        assert runs["full"]["equal_memory"]["max_batch_predicted"] == entry["budget_batch"]
+        # IST's importance loop (every 10 steps) ran inside the timed window and was measured as method hook time.
+        assert runs["ist"]["equal_batch"]["phases"]["method_hook"] > 0
+        assert runs["full"]["equal_batch"]["phases"]["method_hook"] < runs["ist"]["equal_batch"]["phases"]["method_hook"]
+    for name in ("full", "lift", "lora", "meft"):
+        sc = data["scaling"]["methods"][name]
+        assert set(sc) >= {"depth", "seq_len", "batch", "command"}
+    for heading in ("## tiny-llama on boolq", "### Equal batch, fp32", "### Equal batch, bf16 autocast", "Where the time goes",
+                    "### Throughput at equal memory, fp32", "### Quality after", "## Scaling"):
+        assert heading in md, heading
+    charts = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"equal_batch-tiny-llama.png", "memory-tiny-llama.png", "equal_memory-tiny-llama.png", "quality-tiny-llama.png", "scaling.png"} <= set(charts)
+    for name in charts:
+        w, h = png_size(out / name)
+        assert w > 300 and h > 200
+
+
+def test_every_ratio_is_computed_from_measured_numbers(suite):
+    _, data, md = suite
+    t = tables(md)
+    entry = data["models"]["tiny-llama"]
+    checked = 0
+    for prec, title in (("fp32", "fp32"), ("bf16", "bf16 autocast")):
+        runs = entry["runs"][prec]
+        full = runs["full"]["equal_batch"]
+        rows = {r["method"]: r for r in t[f"Equal batch, {title}"]}
+        assert list(rows) == METHODS
+        for label, run in runs.items():
+            eb, row = run["equal_batch"], rows[label]
+            gain = eb["tokens_per_s"] / full["tokens_per_s"]
+            ideal = eb["predicted"]["predicted_speedup"]
+            assert row["tokens/s"] == f"{eb['tokens_per_s']:.1f}"
+            assert row["throughput gain x"] == f"{gain:.2f}"
+            assert row["memory saving x"] == f"{full['memory']['total'] / eb['memory']['total']:.2f}"
+            assert row["peak training memory (MiB)"] == f"{eb['memory']['total'] / 2**20:.1f}"
+            assert row["ideal x (cost model)"] == f"{ideal:.2f}"
+            assert row["% of ideal"] == f"{100 * gain / ideal:.0f}"
+            assert row["trainable params (max)"] == f"{eb['trainable_parameters_max']:,}"
+            checked += 6
+            if 100 * gain / ideal < data["threshold_percent_of_ideal"]:
+                # The report names the measured overhead of every method under the threshold.
+                section = md.split(f"### Equal batch, {title}\n", 1)[1].split("\n### ", 1)[0]
+                bullet = next(line for line in section.splitlines() if line.startswith(f"- **{label}** ("))
+                assert f"({100 * gain / ideal:.0f}% of ideal)" in bullet and " s measured vs " in bullet
+        mem_rows = {r["method"]: r for r in t[f"Throughput at equal memory, {title}"]}
+        for label, run in runs.items():
+            em, row = run["equal_memory"], mem_rows[label]
+            assert row["% of budget"] == f"{100 * em['memory']['total'] / em['budget_bytes']:.1f}"
+            assert row["throughput gain x"] == f"{em['tokens_per_s'] / runs['full']['equal_memory']['tokens_per_s']:.2f}"
+            assert row["largest batch (predicted)"] == str(em["max_batch_predicted"])
+            checked += 2
+        q_rows = [r for h, rows in t.items() if h.startswith("Quality after") and h.endswith(title) for r in rows]
+        for row in q_rows:
+            q = runs[row["method"]]["quality"]
+            assert row["steps in that time"] == str(q["at_time"]["step"])
+            assert row[f"loss after {entry['steps']} steps"] == f"{q['at_steps']['loss']:.4f}"
+    sc = data["scaling"]
+    rows = {r["method"]: r for r in t["Scaling: step time and training memory vs depth, sequence length and batch"]}
+    for name, res in sc["methods"].items():
+        for axis, (ms, mib) in {"depth": ("ms per block", "MiB per block"), "batch": ("ms per example", "MiB per example")}.items():
+            pts = res[axis]["points"]
+            x = [p["x"] for p in pts]
+            slope_t = np.polyfit(x, [p["step_seconds"] for p in pts], 1)[0]
+            slope_m = np.polyfit(x, [p["memory"]["total"] for p in pts], 1)[0]
+            assert rows[name][ms] == f"{1000 * slope_t:.3f}" and rows[name][mib] == f"{slope_m / 2**20:.3f}"
+            checked += 2
+    assert checked > 80
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--quick"], "only apply with --suite paper"),
+        (["--suite", "paper", "--model", "minilm"], "drop --model"),
+        (["--suite", "paper", "--models", "gpt5"], "'gpt5' is not a suite model"),
+        (["--suite", "paper", "--methods", "full,dance"], "'dance' is not a suite method"),
+        (["--suite", "paper", "--precisions", "fp8"], "--precisions"),
+    ],
+)
+def test_suite_bad_arguments_one_line(tmp_path, capsys, args, needle):
+    out = tmp_path / "r"
+    assert main(["bench", *args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
