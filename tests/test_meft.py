@@ -65,6 +65,45 @@ def test_float64_gradients_equal_ordinary_autograd(arch, variant):
         assert sorted(runner_k.stack.errors) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_float64_gradients_exact_for_both_couplings_on_llama(variant):
+    model = tiny_llama(4).double()
+    batch = batch_for(model, batch=2, length=10)
+    for coupling in ("paper", "centered"):
+        ref, ref_loss, _ = gradients(model, batch, variant=variant, dropout=0.1, coupling=coupling, reversible_backward=False)
+        got, loss, _ = gradients(model, batch, variant=variant, dropout=0.1, coupling=coupling, anchor_every=2)
+        assert loss == ref_loss and rel(got, ref) < 1e-10, coupling
+
+
+def _zero_adapters(m):
+    with torch.no_grad():
+        for p in adapter_parameters(m):
+            p.zero_()
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_centered_coupling_keeps_a_decoder_nearer_its_pretrained_function(variant):
+    model = tiny_llama(6).double().eval()
+    batch = batch_for(model, batch=2, length=12)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        err = {}
+        for coupling in ("paper", "centered"):
+            m, _, _ = meft_model(model, variant=variant, coupling=coupling)
+            _zero_adapters(m)
+            m.eval()
+            err[coupling] = rel(m(**batch).logits, ref)
+    assert err["centered"] < err["paper"], err
+    # auto = centered on a decoder, paper on an encoder
+    m_auto, _, _ = meft_model(model, variant=variant)
+    m_cent, _, _ = meft_model(model, variant=variant, coupling="centered")
+    for mm in (m_auto, m_cent):
+        _zero_adapters(mm)
+        mm.eval()
+    with torch.no_grad():
+        assert torch.equal(m_auto(**batch).logits, m_cent(**batch).logits)
+
+
 def test_partial_reversibility_prefix_is_frozen_and_exact():
     model = tiny_bert(4, dropout=0.1).double()
     batch = batch_for(model)

@@ -71,6 +71,11 @@ class MeftConfig:
     """False: same network, ordinary autograd (stores all activations); for comparisons."""
     train_head: bool | None = None
     """Train the task head; None = yes for classification, no for causal LM (adapters only)."""
+    coupling: Literal["auto", "paper", "centered"] = "auto"
+    """paper: the paper's couplings as written. centered: a pretrained residual sub-network R in F or G is
+    used as R(x) - lam * x (F) or R(y) - beta * y (G), so the scaled stream adds only the difference of the
+    two streams (still exactly invertible); keeps a pre-LN residual decoder near its pretrained function.
+    auto: paper for encoders (post-LN), centered for decoders (docs/meft.md, "Quality")."""
 
     def validate(self) -> None:
         if self.variant not in COUPLINGS:
@@ -83,6 +88,8 @@ class MeftConfig:
             raise ConfigError(f"method.anchor_every must be 0 (no anchors) or a positive number of blocks, got {self.anchor_every}")
         if self.max_reconstruction_error is not None and self.max_reconstruction_error <= 0:
             raise ConfigError("method.max_reconstruction_error must be positive (or null for no bound)")
+        if self.coupling not in ("auto", "paper", "centered"):
+            raise ConfigError(f"method.coupling must be auto, paper or centered, got {self.coupling!r}")
         if self.reversible_layers is not None and not self.reversible_layers:
             raise ConfigError("method.reversible_layers must name at least one block (or be null for all blocks)")
 
@@ -170,17 +177,28 @@ def _family(model: nn.Module):
     )
 
 
-def _make_layer(ops, layer: nn.Module, variant: int, index: int) -> RevLayer:
+def _centered(fn, scale: float):
+    """``fn(x) - scale * x``: the residual sub-network minus the part of its skip path the coupling already adds."""
+    return lambda x, aux: fn(x, aux) - scale * x
+
+
+def _make_layer(ops, layer: nn.Module, variant: int, index: int, centered: bool = False) -> RevLayer:
     lam, beta, swap = COUPLINGS[variant]
     if variant == 1:
         f = lambda x, aux: ops.ffn(layer, ops.attn(layer, x, aux), layer.meft_ffn)  # noqa: E731
         g = lambda y, aux: layer.meft_adapter(y)  # noqa: E731
+        f_res, g_res = True, False
     elif variant == 2:
         f = lambda x, aux: layer.meft_adapter(x)  # noqa: E731
         g = lambda y, aux: ops.ffn(layer, ops.attn(layer, y, aux), layer.meft_ffn)  # noqa: E731
+        f_res, g_res = False, True
     else:
         f = lambda x, aux: ops.attn(layer, x, aux, layer.meft_attn)  # noqa: E731
         g = lambda y, aux: ops.ffn(layer, y, layer.meft_ffn)  # noqa: E731
+        f_res = g_res = True
+    if centered:
+        f = _centered(f, lam) if f_res else f
+        g = _centered(g, beta) if g_res else g
     return RevLayer(f=f, g=g, params=list(layer.parameters()), lam=lam, beta=beta, swap=swap, index=index)
 
 
@@ -252,6 +270,7 @@ def apply_meft(model: nn.Module, config: MeftConfig, *, log=None) -> MeftRunner:
             f"(ordinary frozen blocks below), got {rev}: for example [{max(0, n - 2)}, {n - 1}]"
         )
     d = model.config.hidden_size
+    centered = config.coupling == "centered" or (config.coupling == "auto" and ops.family == "decoder")
     layers = []
     for i in rev:
         block = blocks[i]
@@ -262,7 +281,7 @@ def apply_meft(model: nn.Module, config: MeftConfig, *, log=None) -> MeftRunner:
             block.add_module("meft_attn", Adapter(d, config.r, config.dropout, **kw))
         else:
             block.add_module("meft_adapter", Adapter(d, config.r, config.dropout, **kw))
-        layers.append(_make_layer(ops, block, config.variant, i))
+        layers.append(_make_layer(ops, block, config.variant, i, centered=centered))
     stack = ReversibleStack(
         layers,
         anchor_every=config.anchor_every or 0,
@@ -305,7 +324,8 @@ def load_meft(path: str | Path, auto_class=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = auto_class.from_config(cfg)
-    apply_meft(model, MeftConfig(**meft))
+    # Runs saved before `coupling` existed used the paper's couplings.
+    apply_meft(model, MeftConfig(**({"coupling": "paper"} | meft)))
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(".meft_" in k for k in missing):
