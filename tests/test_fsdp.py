@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
+from conftest import torchrun_train
 from safetensors.torch import load_file
 
 from layerwise.cli import main
@@ -32,11 +31,7 @@ def test_fsdp_lift_two_processes_match_single_process(tiny_bert_dir, cls_jsonl, 
     single = tmp_path / "single"
     assert main(args(tiny_bert_dir, cls_jsonl, single, *LIFT)) == 0
     sharded = tmp_path / "fsdp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "layerwise",
-           *args(tiny_bert_dir, cls_jsonl, sharded, *LIFT, "--set", "train.fsdp=true")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(args(tiny_bert_dir, cls_jsonl, sharded, *LIFT, "--set", "train.fsdp=true"))
     summary = json.loads((sharded / "summary.json").read_text())
     d = summary["distributed"]
     assert d["world_size"] == 2 and d["weights_identical"] and d["mechanism"].startswith("FSDP2"), d
