@@ -30,6 +30,14 @@ from torch import nn
 from .methods import Method, Plan
 
 
+def _now() -> float:
+    """Host clock; on CUDA after a synchronize, so that a block boundary is when its kernels ended
+    (the profiled step is slower by the synchronizations, the per-block times are right)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class _Mark(torch.autograd.Function):
     """Identity whose backward records when the gradient passed through it."""
 
@@ -40,7 +48,7 @@ class _Mark(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.log[ctx.key] = time.perf_counter()
+        ctx.log[ctx.key] = _now()
         return grad, None, None
 
 
@@ -129,9 +137,9 @@ def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[flo
             out = block(*a, **k)
             out = out[0] if isinstance(out, (tuple, list)) else out
             loss = out.float().pow(2).mean()
-            t0 = time.perf_counter()
+            t0 = _now()
             loss.backward()
-            times.append(time.perf_counter() - t0)
+            times.append(_now() - t0)
             for p in params:
                 p.grad = None
         return statistics.median(times[1:])
@@ -161,7 +169,7 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
 
     def pre(i):
         def hook(module, args, kwargs):
-            fwd_log[("in", i)] = time.perf_counter()
+            fwd_log[("in", i)] = _now()
             which, x = _first_tensor(args, kwargs)
             if x is None or not x.requires_grad:
                 return None
@@ -176,7 +184,7 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
 
     def post(i):
         def hook(module, args, kwargs, out):
-            fwd_log[("out", i)] = time.perf_counter()
+            fwd_log[("out", i)] = _now()
             if isinstance(out, (tuple, list)):
                 return type(out)([_Mark.apply(out[0], bwd_log, ("out", i)), *out[1:]]) if out[0].requires_grad else out
             return _Mark.apply(out, bwd_log, ("out", i)) if out.requires_grad else out
@@ -193,19 +201,19 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         for rep in range(reps + 1):
             fwd_log.clear()
             bwd_log.clear()
-            t0 = time.perf_counter()
+            t0 = _now()
             if ctx:
                 with ctx():
                     loss = model(**batch).loss
             else:
                 loss = model(**batch).loss
-            t1 = time.perf_counter()
+            t1 = _now()
             loss.backward()
-            t2 = time.perf_counter()
+            t2 = _now()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
+            t3 = _now()
             if rep == 0:
                 continue  # warm-up
             fb = [fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)]

@@ -149,53 +149,133 @@ def in_process(fn, log_path: Path, *args) -> None:
 class PhaseClock:
     """Seconds per phase of :meth:`Trainer.train_step`: the method's ``before_step`` hook, the model's
     forward (root module hooks), backward (forward end to optimizer step start: ``loss.backward`` and
-    gradient clipping), the optimizer step, and the rest (data, plan switch, zero_grad, scheduler)."""
+    gradient clipping), the optimizer step, and the rest (data, plan switch, zero_grad, scheduler).
+
+    On a CUDA device the phase boundaries are CUDA events (kernels run asynchronously, so a host
+    clock would time their launch, not their run): they are resolved after a synchronize when a
+    snapshot is taken. Elsewhere the host clock (``perf_counter``) is exact."""
 
     def __init__(self, trainer):
-        from time import perf_counter
+        import torch
 
+        self.cuda = getattr(trainer, "device", None) is not None and trainer.device.type == "cuda"
+        if self.cuda:
+            self._now = lambda: _cuda_event(torch)
+        else:
+            from time import perf_counter
+
+            self._now = perf_counter
         self.total = dict.fromkeys(PHASES[:-1], 0.0)
+        self._pending: list[tuple[str, object, object]] = []
         self._in_hook = False
-        self._f0 = self._f1 = 0.0
+        self._f0 = self._f1 = None
         method, opt = trainer.method, trainer.optimizer
         before, step = method.before_step, opt.step
 
         def timed_before(index):
-            t0, self._in_hook = perf_counter(), True
+            t0, self._in_hook = self._now(), True
             try:
                 before(index)
             finally:
                 self._in_hook = False
-                self.total["method_hook"] += perf_counter() - t0
+                self._add("method_hook", t0, self._now())
 
         def pre(module, args, kwargs):
             if not self._in_hook:
-                self._f0 = perf_counter()
+                self._f0 = self._now()
 
         def post(module, args, kwargs, out):
             if not self._in_hook:
-                self._f1 = perf_counter()
-                self.total["forward"] += self._f1 - self._f0
+                self._f1 = self._now()
+                self._add("forward", self._f0, self._f1)
 
         def timed_step(*a, **k):
-            t0 = perf_counter()
-            self.total["backward"] += t0 - self._f1
+            t0 = self._now()
+            self._add("backward", self._f1, t0)
             try:
                 return step(*a, **k)
             finally:
-                self.total["optimizer"] += perf_counter() - t0
+                self._add("optimizer", t0, self._now())
 
         method.before_step = timed_before
         opt.step = timed_step
         self.handles = [trainer.model.register_forward_pre_hook(pre, with_kwargs=True),
                         trainer.model.register_forward_hook(post, with_kwargs=True)]
 
+    def _add(self, phase: str, start, end) -> None:
+        if self.cuda:
+            self._pending.append((phase, start, end))
+        else:
+            self.total[phase] += end - start
+
     def snapshot(self) -> dict:
+        if self._pending:
+            import torch
+
+            torch.cuda.synchronize()
+            for phase, start, end in self._pending:
+                self.total[phase] += start.elapsed_time(end) / 1000.0
+            self._pending.clear()
         return dict(self.total)
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _cuda_event(torch):
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def matrix_rate(device: str, precision: str, n: int = 2048, reps: int = 5) -> dict:
+    """The device's measured matrix rate: FLOP/s of an ``n`` x ``n`` GEMM (median of ``reps``), in the
+    dtype the precision's matrix products run in (bf16 under bf16 autocast)."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        if dev.type == "cuda":
+            s, e = _cuda_event(torch), None
+            a @ b
+            e = _cuda_event(torch)
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times[1:])
+    return {"flops_per_s": 2.0 * n**3 / seconds, "gemm": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}", "device": str(dev)}
+
+
+class _NoModuleTracking:
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def count_step_flops(trainer) -> dict:
+    """FLOPs of one optimizer step (forward, backward, recomputation), counted by torch's
+    ``FlopCounterMode`` from the shapes of the matrix products and attention it dispatches."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # Only the total is needed: its per-module tracker hooks backward in a way that breaks an
+    # autograd.grad inside backward (MEFT's reversible backward), so count everything as "Global".
+    counter.mod_tracker = _NoModuleTracking()
+    with counter:
+        rec = trainer.train_step()
+    return {"flops": int(counter.get_total_flops()), "plan": rec.plan.describe(), "step": rec.step}
 
 
 def _resolve_worker(spec: dict, batch_size: int, output: Path):
@@ -209,7 +289,7 @@ def _resolve_worker(spec: dict, batch_size: int, output: Path):
         "output": str(output),
         "train": {"max_steps": 100 * spec["steps"], "batch_size": batch_size, "bf16": spec["precision"] == "bf16",
                   "lr_schedule": "constant", "warmup_steps": 0, "seed": spec["seed"], "progress": False,
-                  "save_model": False, "eval_before": False, "eval_after": False, "device": "cpu"},
+                  "save_model": False, "eval_before": False, "eval_after": False, "device": spec.get("device", "cpu")},
     }
     return resolve(raw)
 
@@ -268,7 +348,8 @@ def run_worker(spec: dict) -> dict:
         after = clock.snapshot()
         row = {k: after[k] - before[k] for k in after}
         row["other"] = rec.seconds - sum(row.values())
-        row.update(step=rec.step, seconds=rec.seconds, tokens=rec.tokens, activations=rec.bytes["activations"])
+        row.update(step=rec.step, seconds=rec.seconds, tokens=rec.tokens, activations=rec.bytes["activations"],
+                   plan=rec.plan.describe(), switch=bool(plans) and rec.plan != plans[-1])
         rows.append(row)
         plans.append(rec.plan)
         done = rec.step + 1
@@ -298,6 +379,13 @@ def run_worker(spec: dict) -> dict:
     pred = predicted_speedup(profile, replay, len(ran), frozen_eval=frozen_eval)
     by_plan = {p: predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in set(ran.values())}
     pred["phases"] = {k: statistics.fmean(by_plan[p][k] for p in ran.values()) for k in ("forward", "backward", "optimizer", "total")}
+    # Counted FLOPs of one more step on the first timed step's plan (after the quality run: it does not
+    # change what was measured), and the rate the steps that ran that plan reached.
+    trainer.step_index = rows[1]["step"] if len(rows) > 1 else 0
+    flops = count_step_flops(trainer)
+    same = [r["seconds"] for r in timed if r["plan"] == flops["plan"]]
+    flops.update(timed_steps_with_plan=len(same), achieved_flops_per_s=flops["flops"] / statistics.fmean(same) if same else None,
+                 matrix_rate=spec.get("matrix_rate"))
     result = {
         "label": spec["label"], "method": method.name, "method_config": dataclasses.asdict(mcfg), "precision": spec["precision"],
         "command": spec["command"], "task": run.task, "metric": metric,
@@ -309,6 +397,7 @@ def run_worker(spec: dict) -> dict:
             "trainable_parameters_max": trainer.max_trainable,
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "phases": phases, "predicted": pred, "plans": sorted({p.describe() for p in ran.values()}),
+            "steps": timed, "flops": flops, "clock": "cuda_events" if clock.cuda else "perf_counter",
             "method_log": {k: v for k, v in method.log_values().items() if isinstance(v, (int, float, str))},
         },
         "quality": {"metric": metric, "step_budget": steps, "time_budget_s": budget_s, "train_seconds": seconds,
@@ -496,13 +585,14 @@ def run_suite(args) -> dict:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ConfigError(f"--precisions: choose from {', '.join(PRECISIONS)}")
     labels = _labels(args.methods)
+    device = _suite_device(getattr(args, "device", None))
     _preload()
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("specs", "results", "logs", "work", "models"):
         (out / sub).mkdir()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     command = "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "layerwise bench --suite paper"
-    report = {"command": command, "quick": bool(args.quick), "machine": _machine(), "methods": [l for l, _ in labels],
+    report = {"command": command, "quick": bool(args.quick), "machine": {**_machine(), "device": device}, "methods": [l for l, _ in labels],
               "precisions": precisions, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
     t_start = time.perf_counter()
     for model in models:
@@ -523,13 +613,16 @@ def run_suite(args) -> dict:
 
             base = {"model": path, "data": {"source": MODELS[model], "max_length": size["seq_len"], "padding": "max_length",
                                              "max_train_samples": size["train_samples"]},
-                    "train": {"batch_size": size["batch_size"], "bf16": prec == "bf16", "device": "cpu"}, "method": {"name": "full"}}
+                    "train": {"batch_size": size["batch_size"], "bf16": prec == "bf16", "device": device}, "method": {"name": "full"}}
             (cfg_dir / "full.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
             prof_path = out / "results" / f"{model}-{prec}-profile.json"
             argv = ["layerwise.profile_cli", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(prof_path)]
             print(f"[{model} {prec}] profiling the cost model ...", flush=True)
             in_process(_with_argv(profile_main, argv), out / "logs" / f"{model}-{prec}-profile.log")
             entry["profiles"][prec] = {"path": str(prof_path.relative_to(out)), "command": "python -m " + " ".join(shlex.quote(a) for a in argv)}
+            rate_path = out / "results" / f"{model}-{prec}-matrix-rate.json"
+            in_process(_write_matrix_rate, out / "logs" / f"{model}-{prec}-matrix-rate.log", rate_path, device, prec, threads)
+            entry.setdefault("matrix_rate", {})[prec] = rate = json.loads(rate_path.read_text())
             runs = entry["runs"][prec] = {}
             budget_time = budget_mem = None
             for label, mraw in labels:
@@ -546,7 +639,7 @@ def run_suite(args) -> dict:
                         "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
                         "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
                         "time_budget": budget_time, "max_steps": 20 * size["steps"], "memory_budget": budget_mem, "budget_batch": 8,
-                        "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path),
+                        "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
                         "command": f"python -m layerwise.suite worker {spec_path}"}
                 spec_path.write_text(json.dumps(spec, indent=2))
@@ -573,6 +666,26 @@ def run_suite(args) -> dict:
     (out / "report.md").write_text(render(report, out))
     print(f"report: {out / 'report.md'} ({report['wall_seconds']:.0f} s)")
     return report
+
+
+def _suite_device(name: str | None) -> str:
+    """cpu or cuda; by default cuda when torch sees one (the driver does not initialize CUDA: workers are forked)."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device '{name}': the suite runs on cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+    return name
+
+
+def _write_matrix_rate(path: Path, device: str, precision: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    path.write_text(json.dumps(matrix_rate(device, precision), indent=2))
 
 
 def _with_argv(fn, argv: list[str]):

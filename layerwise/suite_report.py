@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MiB = 2**20
+SWITCH_PHASES = ("method_hook", "forward", "backward", "optimizer", "other")
 COMPONENTS = ("weights", "grads", "optimizer", "activations")
 PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
@@ -44,8 +45,34 @@ def overheads(runs: dict, threshold: float) -> dict:
                     "optimizer": pred["optimizer"] * scale, "other": 0.0}
         excess = {k: eb["phases"][k] - v for k, v in expected.items()}
         out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": pred["total"] * scale, "excess": excess,
-                      "percent": r[label]["percent"]}
+                      "percent": r[label]["percent"], "switches": switch_cost(eb.get("steps") or [])}
     return out
+
+
+def switch_cost(steps: list[dict]) -> dict | None:
+    """What plan switches cost, measured: each timed step that starts a new plan against the mean of
+    the steady steps (no switch) that ran the same plan; the extra seconds, in total and by phase,
+    spread over all timed steps (so it compares with the per-step excess)."""
+    if not steps:
+        return None
+    from .suite import PHASES
+
+    steady: dict[str, list[dict]] = {}
+    for r in steps:
+        if not r.get("switch"):
+            steady.setdefault(r["plan"], []).append(r)
+    extra = dict.fromkeys(("seconds",) + PHASES, 0.0)
+    counted = 0
+    for r in steps:
+        same = steady.get(r["plan"])
+        if not r.get("switch") or not same:
+            continue
+        counted += 1
+        for k in extra:
+            extra[k] += r[k] - sum(x[k] for x in same) / len(same)
+    n = sum(1 for r in steps if r.get("switch"))
+    return {"switch_steps": n, "compared": counted, "timed_steps": len(steps),
+            "per_step": {k: v / len(steps) for k, v in extra.items()}}
 
 
 def _f(v, spec: str) -> str:
@@ -120,6 +147,13 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
                 parts = sorted(o["excess"].items(), key=lambda kv: -kv[1])
                 named = [f"{k} +{v:.4f} s" + (f" ({causes[runs[label]['method']][k]})" if k in causes.get(runs[label]["method"], {}) else "")
                          for k, v in parts if v > 0.01 * o["step_seconds"]]
+                sw = o["switches"]
+                if sw and sw["compared"]:
+                    ps = sw["per_step"]
+                    top = max(SWITCH_PHASES, key=lambda k: ps[k])
+                    named.append(f"of which plan switches ({sw['switch_steps']} of {sw['timed_steps']} timed steps start a new plan; "
+                                 f"measured against steady steps of the same plan) {ps['seconds']:+.4f} s per step, mostly {top} "
+                                 f"{ps[top]:+.4f} s" + (" (optimizer state allocated for the newly active parameters)" if top == "optimizer" else ""))
                 lines.append(f"- **{label}** ({o['percent']:.0f}% of ideal): step "
                              f"{o['step_seconds']:.4f} s measured vs {o['ideal_step_seconds']:.4f} s ideal; " + "; ".join(named))
             lines.append("")
@@ -129,15 +163,29 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
 
 
 def _phase_table(runs: dict) -> str:
-    rows = ["| method | method hook s | forward s | backward s | optimizer s | other s | step s (measured) | cost model fwd / bwd / opt s |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| method | method hook s | forward s | backward s | optimizer s | other s | step s (measured) | cost model fwd / bwd / opt s "
+            "| GFLOP per step (counted) | achieved GFLOP/s | % of matrix rate |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    rate = None
     for label, run in runs.items():
         eb = run["equal_batch"]
         ph, pr = eb["phases"], eb["predicted"]["phases"]
+        fl = eb.get("flops") or {}
+        achieved = fl.get("achieved_flops_per_s")
+        rate = rate or (fl.get("matrix_rate") or {})
+        peak = rate.get("flops_per_s")
         rows.append(f"| {label} | {ph['method_hook']:.4f} | {ph['forward']:.4f} | {ph['backward']:.4f} | {ph['optimizer']:.4f} | "
-                    f"{ph['other']:.4f} | {eb['step_seconds']:.4f} | {pr['forward']:.4f} / {pr['backward']:.4f} / {pr['optimizer']:.4f} |")
-    return ("Where the time goes (seconds per timed step; backward includes gradient clipping, other is data, plan "
-            "switches and zero_grad):\n\n" + "\n".join(rows))
+                    f"{ph['other']:.4f} | {eb['step_seconds']:.4f} | {pr['forward']:.4f} / {pr['backward']:.4f} / {pr['optimizer']:.4f} | "
+                    f"{_f(fl['flops'] / 1e9 if fl else None, '.2f')} | {_f(achieved / 1e9 if achieved else None, '.1f')} | "
+                    f"{_f(100 * achieved / peak if achieved and peak else None, '.1f')} |")
+    clock = next(iter(runs.values()))["equal_batch"].get("clock", "perf_counter")
+    rate_line = (f" The matrix rate is measured on this device: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s for a {rate['gemm']} GEMM."
+                 if rate and rate.get("flops_per_s") else "")
+    return ("Where the time goes (seconds per timed step, timed with "
+            + ("CUDA events" if clock == "cuda_events" else "the host clock")
+            + "; backward includes gradient clipping, other is data, plan switches and zero_grad). FLOPs are counted by "
+            "torch's FlopCounterMode over one more step on the first timed step's plan (forward, backward and any recomputation); "
+            "achieved GFLOP/s divides them by the measured time of the timed steps that ran that plan." + rate_line + "\n\n" + "\n".join(rows))
 
 
 def _equal_memory(model: str, entry: dict, out: Path) -> list[str]:

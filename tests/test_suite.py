@@ -112,6 +112,19 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
             assert row["% of ideal"] == f"{100 * gain / ideal:.0f}"
             assert row["trainable params (max)"] == f"{eb['trainable_parameters_max']:,}"
             checked += 6
+            # Counted FLOPs and the rate the steps of that plan reached, against the measured matrix rate.
+            fl = eb["flops"]
+            same = [r["seconds"] for r in eb["steps"] if r["plan"] == fl["plan"]]
+            assert fl["flops"] > 0 and len(same) == fl["timed_steps_with_plan"] and len(eb["steps"]) == eb["timed_steps"]
+            if same:
+                achieved = fl["flops"] / (sum(same) / len(same))
+                assert abs(fl["achieved_flops_per_s"] - achieved) <= 1e-6 * achieved
+                assert fl["matrix_rate"]["flops_per_s"] == entry["matrix_rate"][prec]["flops_per_s"] > 0
+                phase_rows = {r["method"]: r for r in t[f"Equal batch, {title}"]}  # noqa: F841 - same section
+                cells = md.split(f"### Equal batch, {title}\n", 1)[1].split("\n### ", 1)[0]
+                line = next(x for x in cells.splitlines() if x.startswith(f"| {label} | ") and "GFLOP" not in x and x.count("|") > 10)
+                assert f"| {fl['flops'] / 1e9:.2f} | {achieved / 1e9:.1f} | {100 * achieved / fl['matrix_rate']['flops_per_s']:.1f} |" in line
+                checked += 2
             if 100 * gain / ideal < data["threshold_percent_of_ideal"]:
                 # The report names the measured overhead of every method under the threshold.
                 section = md.split(f"### Equal batch, {title}\n", 1)[1].split("\n### ", 1)[0]
@@ -142,6 +155,23 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
     assert checked > 80
 
 
+def test_switch_cost_against_steady_steps_of_the_same_plan():
+    from layerwise.suite_report import switch_cost
+
+    def row(plan, switch, seconds, optimizer):
+        return {"plan": plan, "switch": switch, "seconds": seconds, "method_hook": 0.0, "forward": 0.1, "backward": 0.2,
+                "optimizer": optimizer, "other": seconds - 0.3 - optimizer}
+
+    steps = [row("a", False, 1.0, 0.1), row("a", False, 1.2, 0.1), row("b", True, 2.0, 0.5), row("b", False, 1.5, 0.1),
+             row("c", True, 9.0, 9.0)]  # c has no steady step: not compared
+    sw = switch_cost(steps)
+    assert sw["switch_steps"] == 2 and sw["compared"] == 1 and sw["timed_steps"] == 5
+    assert sw["per_step"]["seconds"] == pytest.approx((2.0 - 1.5) / 5)
+    assert sw["per_step"]["optimizer"] == pytest.approx((0.5 - 0.1) / 5)
+    assert sw["per_step"]["forward"] == pytest.approx(0.0)
+    assert switch_cost([]) is None
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -150,6 +180,7 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
         (["--suite", "paper", "--models", "gpt5"], "'gpt5' is not a suite model"),
         (["--suite", "paper", "--methods", "full,dance"], "'dance' is not a suite method"),
         (["--suite", "paper", "--precisions", "fp8"], "--precisions"),
+        (["--suite", "paper", "--device", "tpu"], "--device 'tpu'"),
     ],
 )
 def test_suite_bad_arguments_one_line(tmp_path, capsys, args, needle):

@@ -313,6 +313,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad()
         opt_bytes = self.optimizer.state_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: time their end, not their launch
         seconds = time.perf_counter() - t0
         b = {"weights": self.weight_bytes, "grads": grads, "optimizer": opt_bytes, "activations": activations}
         b["total"] = sum(b.values())
