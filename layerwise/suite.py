@@ -51,21 +51,23 @@ SUITE_METHODS = (
 #: What the packaged models train on (the decoder as causal LM on BoolQ prompt + answer).
 MODELS = {"minilm": "rotten_tomatoes", "smollm2": "boolq", "tiny-bert": "rotten_tomatoes", "tiny-llama": "boolq"}
 PRESETS = {
-    # steps: step budget (also the equal-batch window; at least 11 so that IST's importance loop, every
-    # 10 steps, is inside it); eval_every/eval_samples: the quality curve;
-    # memory_steps/batch_cap: the equal-memory run; scaling: sizes per axis and steps per point.
+    # steps: step budget (also the equal-batch window; the IST importance loop, every probe_every steps,
+    # must fall inside it); eval_every/eval_samples: the quality curve; max_steps_factor: the wall-clock
+    # run stops at full's time or at this many times the step budget, whichever comes first;
+    # memory_steps/batch_cap: the equal-memory run (the first step is not timed); scaling: sizes per
+    # axis and steps per point. Sized for 2 CPU cores: full under 60 minutes, quick under 10.
     "full": {
         "minilm": dict(seq_len=64, batch_size=8, steps=40, eval_every=10, eval_samples=256, train_samples=None),
         "smollm2": dict(seq_len=64, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=4000),
         "tiny": dict(seq_len=32, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=512),
-        "memory_steps": 5, "batch_cap": 64, "salf_samples": 256,
+        "memory_steps": 3, "batch_cap": 32, "salf_samples": 256, "max_steps_factor": 3,
         "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
     },
     "quick": {
-        "minilm": dict(seq_len=64, batch_size=8, steps=11, eval_every=5, eval_samples=64, train_samples=2000),
-        "smollm2": dict(seq_len=32, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=500),
+        "minilm": dict(seq_len=64, batch_size=8, steps=11, eval_every=11, eval_samples=32, train_samples=2000),
+        "smollm2": dict(seq_len=32, batch_size=2, steps=6, eval_every=6, eval_samples=8, train_samples=500, ist_probe_every=5),
         "tiny": dict(seq_len=16, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=64),
-        "memory_steps": 3, "batch_cap": 32, "salf_samples": 32,
+        "memory_steps": 2, "batch_cap": 8, "salf_samples": 32, "max_steps_factor": 2,
         "scaling": dict(depth=[4, 12, 24, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
     },
 }
@@ -354,12 +356,13 @@ def run_worker(spec: dict) -> dict:
         plans.append(rec.plan)
         done = rec.step + 1
         crossed = budget_s is not None and at_time is None and seconds >= budget_s
-        if done % every == 0 or done == steps or crossed:
+        capped = done >= spec["max_steps"] and at_time is None and budget_s is not None and not crossed
+        if done % every == 0 or done == steps or crossed or capped:
             points.append({"step": done, "seconds": seconds, **_evaluate(trainer, eval_loader, run)})
         if done == steps:
             at_steps = points[-1]
-        if crossed:
-            at_time = points[-1]
+        if crossed or capped:
+            at_time = {**points[-1], "capped": capped}
         if done >= steps and (budget_s is None or at_time is not None or done >= spec["max_steps"]):
             break
     clock.close()
@@ -603,6 +606,7 @@ def run_suite(args) -> dict:
         size = preset["tiny" if model.startswith("tiny-") else model]
         num_blocks = _num_blocks(path)
         entry = {"model": model, "model_path": path, "data": MODELS[model], "num_blocks": num_blocks, **size,
+                 "max_steps": preset["max_steps_factor"] * size["steps"],
                  "budget_batch": 8, "profiles": {}, "runs": {}}
         report["models"][model] = entry
         for prec in precisions:
@@ -633,12 +637,14 @@ def run_suite(args) -> dict:
                     raw.setdefault("switch_every", max(1, size["steps"] // max(1, num_blocks // raw.get("k", 2))))
                 if raw["name"] == "salf":
                     raw.setdefault("samples", preset["salf_samples"])
+                if raw["name"] == "ist" and size.get("ist_probe_every"):
+                    raw.setdefault("probe_every", size["ist_probe_every"])  # the importance loop inside a short step budget
                 name = f"{model}-{prec}-{label}"
                 spec_path = out / "specs" / f"{name}.json"
                 spec = {"model": model, "model_path": path, "data": MODELS[model], "label": label, "method": raw, "precision": prec,
                         "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
                         "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
-                        "time_budget": budget_time, "max_steps": 20 * size["steps"], "memory_budget": budget_mem, "budget_batch": 8,
+                        "time_budget": budget_time, "max_steps": preset["max_steps_factor"] * size["steps"], "memory_budget": budget_mem, "budget_batch": 8,
                         "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
                         "command": f"python -m layerwise.suite worker {spec_path}"}

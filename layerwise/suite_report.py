@@ -227,7 +227,8 @@ def _quality(model: str, entry: dict, out: Path) -> list[str]:
             f"### Quality after {q0['step_budget']} steps and after {budget:.1f} s of training, {PRECISION_NAMES[prec]}",
             "",
             f"The time budget is `full`'s training time for the step budget; faster methods keep training until it is spent "
-            f"(evaluated at the first step past it). Held-out {metric} ({'higher' if metric == 'accuracy' else 'lower'} is better).",
+            f"(evaluated at the first step past it) or until {entry.get('max_steps', 'the cap of')} steps (marked cap). "
+            f"Held-out {metric} ({'higher' if metric == 'accuracy' else 'lower'} is better).",
             "",
             f"| method | {metric} before | {metric} after {q0['step_budget']} steps | training s for them | {metric} after {budget:.1f} s | steps in that time |",
             "|---|---:|---:|---:|---:|---:|",
@@ -235,7 +236,8 @@ def _quality(model: str, entry: dict, out: Path) -> list[str]:
         for label, run in runs.items():
             q = run["quality"]
             s, t = q["at_steps"], q["at_time"]
-            lines.append(f"| {label} | {_metric(q['points'][0], metric)} | {_metric(s, metric)} | {s['seconds']:.1f} | {_metric(t, metric)} | {t['step']} |")
+            lines.append(f"| {label} | {_metric(q['points'][0], metric)} | {_metric(s, metric)} | {s['seconds']:.1f} | {_metric(t, metric)} | "
+                         f"{t['step']}{' (cap)' if t.get('capped') else ''} |")
         lines.append("")
     lines += [f"![quality vs seconds]({_chart_quality(model, entry, out)})", ""]
     return lines

@@ -140,7 +140,8 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
         q_rows = [r for h, rows in t.items() if h.startswith("Quality after") and h.endswith(title) for r in rows]
         for row in q_rows:
             q = runs[row["method"]]["quality"]
-            assert row["steps in that time"] == str(q["at_time"]["step"])
+            assert row["steps in that time"] == str(q["at_time"]["step"]) + (" (cap)" if q["at_time"].get("capped") else "")
+            assert q["at_time"]["step"] <= entry["max_steps"]
             assert row[f"loss after {entry['steps']} steps"] == f"{q['at_steps']['loss']:.4f}"
     sc = data["scaling"]
     rows = {r["method"]: r for r in t["Scaling: step time and training memory vs depth, sequence length and batch"]}
