@@ -47,6 +47,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--precisions", help="with --suite: fp32, bf16 or both (default)")
     p.add_argument("--no-scaling", action="store_true", help="with --suite: skip the depth/length/batch scaling runs")
     p.add_argument("--device", help="with --suite: cpu or cuda (default: cuda when available; times then come from CUDA events)")
+    p.add_argument("--docs", metavar="FILE", help="with --suite: also write FILE (e.g. docs/benchmarks.md): the report, chart links relative to FILE")
 
 
 def _probe_parser(sub) -> None:
@@ -141,7 +142,7 @@ def cmd_bench(args) -> int:
     from .errors import ConfigError
 
     suite_only = [f for f, v in (("--quick", args.quick), ("--models", args.models), ("--precisions", args.precisions),
-                                 ("--no-scaling", args.no_scaling), ("--device", args.device)) if v]
+                                 ("--no-scaling", args.no_scaling), ("--device", args.device), ("--docs", args.docs)) if v]
     if args.suite:
         from .suite import run_suite
 

@@ -64,10 +64,10 @@ PRESETS = {
         "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
     },
     "quick": {
-        "minilm": dict(seq_len=64, batch_size=8, steps=11, eval_every=11, eval_samples=32, train_samples=2000),
-        "smollm2": dict(seq_len=32, batch_size=2, steps=6, eval_every=6, eval_samples=8, train_samples=500, ist_probe_every=5),
+        "minilm": dict(seq_len=64, batch_size=8, steps=8, eval_every=8, eval_samples=32, train_samples=2000, ist_probe_every=5),
+        "smollm2": dict(seq_len=32, batch_size=2, steps=5, eval_every=5, eval_samples=8, train_samples=500, ist_probe_every=4),
         "tiny": dict(seq_len=16, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=64),
-        "memory_steps": 2, "batch_cap": 8, "salf_samples": 32, "max_steps_factor": 2,
+        "memory_steps": 2, "batch_cap": 4, "salf_samples": 16, "max_steps_factor": 1.5,
         "scaling": dict(depth=[4, 12, 24, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
     },
 }
@@ -606,7 +606,7 @@ def run_suite(args) -> dict:
         size = preset["tiny" if model.startswith("tiny-") else model]
         num_blocks = _num_blocks(path)
         entry = {"model": model, "model_path": path, "data": MODELS[model], "num_blocks": num_blocks, **size,
-                 "max_steps": preset["max_steps_factor"] * size["steps"],
+                 "max_steps": int(preset["max_steps_factor"] * size["steps"]),
                  "budget_batch": 8, "profiles": {}, "runs": {}}
         report["models"][model] = entry
         for prec in precisions:
@@ -644,7 +644,7 @@ def run_suite(args) -> dict:
                 spec = {"model": model, "model_path": path, "data": MODELS[model], "label": label, "method": raw, "precision": prec,
                         "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
                         "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
-                        "time_budget": budget_time, "max_steps": preset["max_steps_factor"] * size["steps"], "memory_budget": budget_mem, "budget_batch": 8,
+                        "time_budget": budget_time, "max_steps": int(preset["max_steps_factor"] * size["steps"]), "memory_budget": budget_mem, "budget_batch": 8,
                         "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
                         "command": f"python -m layerwise.suite worker {spec_path}"}
@@ -670,6 +670,11 @@ def run_suite(args) -> dict:
     from .suite_report import render
 
     (out / "report.md").write_text(render(report, out))
+    if getattr(args, "docs", None):
+        from .suite_report import write_docs
+
+        write_docs(report, out, Path(args.docs))
+        print(f"docs: {args.docs}")
     print(f"report: {out / 'report.md'} ({report['wall_seconds']:.0f} s)")
     return report
 

@@ -14,26 +14,45 @@ COMPONENTS = ("weights", "grads", "optimizer", "activations")
 PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
 
+CAL_PHASES = ("forward", "backward", "optimizer")
+
+
+def calibration(runs: dict) -> dict:
+    """Per phase, full's measured seconds over the cost model's: the profile step is instrumented
+    (a marker at every block boundary) and runs in its own process, so each predicted phase is put on
+    the workers' clock by the uninstrumented ``full`` run of the same invocation."""
+    full = runs["full"]["equal_batch"]
+    pred = full["predicted"]["phases"]
+    return {k: (full["phases"][k] / pred[k]) if pred[k] > 0 else 1.0 for k in CAL_PHASES}
+
+
+def ideal_step(run: dict, cal: dict, full_other: float) -> float:
+    """The cost model's step for this method's plans, calibrated; data and zero_grad (full's "other") added."""
+    pred = run["equal_batch"]["predicted"]["phases"]
+    return sum(pred[k] * cal[k] for k in CAL_PHASES) + full_other
+
+
 def ratios(runs: dict) -> dict:
     """Per method: throughput gain and memory saving over full, ideal speedup, percent of ideal (equal batch)."""
     full = runs["full"]["equal_batch"]
+    cal = calibration(runs)
+    t_full = ideal_step(runs["full"], cal, full["phases"]["other"])
     out = {}
     for label, r in runs.items():
         eb = r["equal_batch"]
         gain = eb["tokens_per_s"] / full["tokens_per_s"]
-        ideal = eb["predicted"]["predicted_speedup"]
+        ideal = t_full / ideal_step(r, cal, full["phases"]["other"])
         out[label] = {"gain": gain, "saving": full["memory"]["total"] / eb["memory"]["total"], "ideal": ideal,
                       "percent": 100.0 * gain / ideal if ideal else None}
     return out
 
 
 def overheads(runs: dict, threshold: float) -> dict:
-    """Methods under ``threshold`` percent of ideal: measured seconds per step above the cost model, by phase.
-
-    The cost model's phases are scaled by (full's measured step / full's predicted step), so the
-    phase excesses add up to (measured step - ideal step) of the method."""
+    """Methods under ``threshold`` percent of ideal: measured seconds per step above the calibrated cost
+    model, by phase (method hook and other against zero and full's other): they add up to measured step
+    minus ideal step."""
     full = runs["full"]["equal_batch"]
-    scale = full["step_seconds"] / full["predicted"]["phases"]["total"]
+    cal = calibration(runs)
     r = ratios(runs)
     out = {}
     for label, run in runs.items():
@@ -41,10 +60,9 @@ def overheads(runs: dict, threshold: float) -> dict:
             continue
         eb = run["equal_batch"]
         pred = eb["predicted"]["phases"]
-        expected = {"method_hook": 0.0, "forward": pred["forward"] * scale, "backward": pred["backward"] * scale,
-                    "optimizer": pred["optimizer"] * scale, "other": 0.0}
+        expected = {"method_hook": 0.0, **{k: pred[k] * cal[k] for k in CAL_PHASES}, "other": full["phases"]["other"]}
         excess = {k: eb["phases"][k] - v for k, v in expected.items()}
-        out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": pred["total"] * scale, "excess": excess,
+        out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": sum(expected.values()), "excess": excess,
                       "percent": r[label]["percent"], "switches": switch_cost(eb.get("steps") or [])}
     return out
 
@@ -75,6 +93,32 @@ def switch_cost(steps: list[dict]) -> dict | None:
             "per_step": {k: v / len(steps) for k, v in extra.items()}}
 
 
+def write_docs(report: dict, out: Path, docs: Path) -> None:
+    """``docs`` (e.g. docs/benchmarks.md): the report as a documentation page, every chart and raw-file
+    link rewritten relative to the page's folder; written to a temporary file, then renamed."""
+    import os
+    import re
+
+    rel = Path(os.path.relpath(out.resolve(), docs.resolve().parent))
+    body = render(report, out)
+    body = re.sub(r"\]\(([^)/]+\.png)\)", lambda m: f"]({(rel / m.group(1)).as_posix()})", body)
+    head = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated: do not edit by hand. -->",
+        f"This page is written by `{report['command']}` (the suite's full report, raw numbers in "
+        f"[`{(rel / 'suite.json').as_posix()}`]({(rel / 'suite.json').as_posix()}), every measurement's own command in it)."
+        + (" Single-method benches with their commands are in [bench-runs.md](bench-runs.md)."
+           if (docs.parent / "bench-runs.md").exists() else ""),
+        "",
+    ]
+    body = body.split("\n", 1)[1]  # the report's own title is replaced by the page's
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    tmp = docs.with_name(docs.name + ".tmp")
+    tmp.write_text("\n".join(head) + body)
+    tmp.replace(docs)
+
+
 def _f(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -103,7 +147,9 @@ def render(report: dict, out: Path) -> str:
         "- **Peak training memory**: weights + gradients + optimizer state + bytes saved for backward, each at its peak "
         "(layerwise's meter; summary.json `memory.total`).",
         "- **ideal x**: the cost model's tokens/s ratio over `full` for the plans the timed steps ran, from per-block forward "
-        "and backward times profiled on this machine (docs/cost-model.md). **% of ideal** = measured x / ideal x. "
+        "and backward times profiled on this machine (docs/cost-model.md); its forward, backward and optimizer phases are each "
+        "calibrated by full's measured / predicted time for that phase in the same invocation (the profiled step is instrumented "
+        "and runs apart). **% of ideal** = measured x / ideal x. "
         f"Under {report['threshold_percent_of_ideal']:.0f}%, the table below it names the measured overhead.",
         "",
     ]
@@ -142,7 +188,7 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
         over = overheads(runs, report["threshold_percent_of_ideal"])
         if over:
             lines += [f"Under {report['threshold_percent_of_ideal']:.0f}% of ideal, measured seconds per step above the cost model "
-                      "(scaled to full's measured step), by phase:", ""]
+                      "(each phase calibrated on full's), by phase:", ""]
             for label, o in over.items():
                 parts = sorted(o["excess"].items(), key=lambda kv: -kv[1])
                 named = [f"{k} +{v:.4f} s" + (f" ({causes[runs[label]['method']][k]})" if k in causes.get(runs[label]["method"], {}) else "")

@@ -103,7 +103,10 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
         for label, run in runs.items():
             eb, row = run["equal_batch"], rows[label]
             gain = eb["tokens_per_s"] / full["tokens_per_s"]
-            ideal = eb["predicted"]["predicted_speedup"]
+            # The cost model's phases, each calibrated on full's measured phase, plus full's "other".
+            cal = {k: full["phases"][k] / full["predicted"]["phases"][k] for k in ("forward", "backward", "optimizer")}
+            step = lambda e: sum(e["predicted"]["phases"][k] * c for k, c in cal.items()) + full["phases"]["other"]  # noqa: E731
+            ideal = step(full) / step(eb)
             assert row["tokens/s"] == f"{eb['tokens_per_s']:.1f}"
             assert row["throughput gain x"] == f"{gain:.2f}"
             assert row["memory saving x"] == f"{full['memory']['total'] / eb['memory']['total']:.2f}"
@@ -154,6 +157,20 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
             assert rows[name][ms] == f"{1000 * slope_t:.3f}" and rows[name][mib] == f"{slope_m / 2**20:.3f}"
             checked += 2
     assert checked > 80
+
+
+def test_docs_page_links_resolve(suite, tmp_path):
+    from layerwise.suite_report import write_docs
+
+    out, data, md = suite
+    docs = tmp_path / "docs" / "benchmarks.md"
+    write_docs(data, out, docs)
+    page = docs.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+    assert len(links) == len(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) >= 5
+    for link in links:
+        assert (docs.parent / link).resolve().is_file(), link
+    assert data["command"] in page and "### Equal batch, fp32" in page and not (docs.parent / "benchmarks.md.tmp").exists()
 
 
 def test_switch_cost_against_steady_steps_of_the_same_plan():
