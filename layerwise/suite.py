@@ -57,10 +57,10 @@ PRESETS = {
     # memory_steps/batch_cap: the equal-memory run (the first step is not timed); scaling: sizes per
     # axis and steps per point. Sized for 2 CPU cores: full under 60 minutes, quick under 10.
     "full": {
-        "minilm": dict(seq_len=64, batch_size=8, steps=40, eval_every=10, eval_samples=256, train_samples=None),
-        "smollm2": dict(seq_len=64, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=4000),
+        "minilm": dict(seq_len=64, batch_size=8, steps=30, eval_every=15, eval_samples=256, train_samples=None),
+        "smollm2": dict(seq_len=64, batch_size=4, steps=12, eval_every=6, eval_samples=32, train_samples=4000),
         "tiny": dict(seq_len=32, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=512),
-        "memory_steps": 3, "batch_cap": 32, "salf_samples": 256, "max_steps_factor": 3,
+        "memory_steps": 3, "batch_cap": 16, "salf_samples": 256, "max_steps_factor": 2,
         "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
     },
     "quick": {
