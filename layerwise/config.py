@@ -36,7 +36,8 @@ class TrainConfig:
     bf16: bool = False
     """bf16 autocast for forward and backward (weights and optimizer stay fp32)."""
     gradient_checkpointing: bool = False
-    """Non-reentrant activation checkpointing of every block (same loss and gradients)."""
+    """Non-reentrant activation checkpointing of every block the gradient crosses, trained or frozen
+    (frozen blocks keep dropout off; same loss and gradients)."""
     frozen_dropout: bool = False
     """False: blocks that do not train this step run in eval mode (no dropout), which keeps a
     frozen prefix deterministic and lets attention use its fused kernel (on CPU, a MiniLM

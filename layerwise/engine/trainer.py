@@ -225,9 +225,15 @@ class Trainer:
             return
         anatomy = self.method.anatomy
         active = set(plan.blocks)
+        lowest = plan.lowest
         for i, block in enumerate(anatomy.blocks):
             if i not in active:
                 block.eval()
+                if self.cfg.gradient_checkpointing and lowest is not None and i > lowest and getattr(block, "gradient_checkpointing", False):
+                    # A frozen block the gradient must cross: transformers checkpoints a layer only when
+                    # the layer itself is in training mode, so flag the layer alone (its children stay in
+                    # eval mode: no dropout, and the recomputation is exact).
+                    block.training = True
         if not plan.embeddings:
             for module in anatomy.embeddings:
                 module.eval()
