@@ -117,3 +117,16 @@ def test_run_with_frozen_dtype(tiny_llama_dir, lm_jsonl, tmp_path):
 
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert all(p.dtype == torch.float32 for p in saved.parameters())
+
+
+def test_bf16_frozen_blocks_with_gradient_checkpointing():
+    """bf16 frozen blocks above the active one are checkpointed too: same loss, fewer saved bytes."""
+    recs = []
+    for gc in (False, True):
+        model = tiny_bert(layers=4)
+        t, _ = _trainer(model, {"name": "lift", "schedule": "bottom_up", "switch_every": 100}, "classification", 2,
+                        frozen_dtype="bf16", gradient_checkpointing=gc, max_grad_norm=None)
+        recs.append(t.train_step())  # block 0 active, blocks 1-3 bf16 and crossed by the gradient
+    assert recs[0].plan.blocks == (0,)
+    assert recs[1].loss == pytest.approx(recs[0].loss, rel=1e-6)
+    assert recs[1].bytes["activations"] < 0.6 * recs[0].bytes["activations"]
