@@ -341,6 +341,8 @@ def run_worker(spec: dict) -> dict:
     metric = "accuracy" if run.task == "classification" else "loss"
     steps, every, budget_s = spec["steps"], spec["eval_every"], spec.get("time_budget")
     points = [{"step": 0, "seconds": 0.0, **_evaluate(trainer, eval_loader, run)}]
+    # The machine's speed around the timed window (shared cores drift): a small GEMM before and after.
+    speed = [matrix_rate(spec.get("device", "cpu"), spec["precision"], n=1024, reps=3)["flops_per_s"]]
     rows, plans, seconds = [], [], 0.0
     at_steps = at_time = None
     while True:
@@ -366,6 +368,7 @@ def run_worker(spec: dict) -> dict:
         if done >= steps and (budget_s is None or at_time is not None or done >= spec["max_steps"]):
             break
     clock.close()
+    speed.append(matrix_rate(spec.get("device", "cpu"), spec["precision"], n=1024, reps=3)["flops_per_s"])
     if at_time is None:
         at_time = at_steps  # no budget (this is full, which sets it) or the cap was reached first
     timed = rows[1:steps] if steps > 1 else rows
@@ -401,6 +404,7 @@ def run_worker(spec: dict) -> dict:
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "phases": phases, "predicted": pred, "plans": sorted({p.describe() for p in ran.values()}),
             "steps": timed, "flops": flops, "clock": "cuda_events" if clock.cuda else "perf_counter",
+            "machine_gemm_flops_per_s": speed,
             "method_log": {k: v for k, v in method.log_values().items() if isinstance(v, (int, float, str))},
         },
         "quality": {"metric": metric, "step_budget": steps, "time_budget_s": budget_s, "train_seconds": seconds,

@@ -63,8 +63,18 @@ def overheads(runs: dict, threshold: float) -> dict:
         expected = {"method_hook": 0.0, **{k: pred[k] * cal[k] for k in CAL_PHASES}, "other": full["phases"]["other"]}
         excess = {k: eb["phases"][k] - v for k, v in expected.items()}
         out[label] = {"step_seconds": eb["step_seconds"], "ideal_step_seconds": sum(expected.values()), "excess": excess,
-                      "percent": r[label]["percent"], "switches": switch_cost(eb.get("steps") or [])}
+                      "percent": r[label]["percent"], "switches": switch_cost(eb.get("steps") or []),
+                      "machine_speed": machine_speed(run, runs["full"])}
     return out
+
+
+def machine_speed(run: dict, full: dict) -> float | None:
+    """The machine's GEMM rate around this worker's timed window (mean of before and after) over the
+    same around full's: below 1, the cores were slower (shared) while this method was timed."""
+    a, b = run["equal_batch"].get("machine_gemm_flops_per_s"), full["equal_batch"].get("machine_gemm_flops_per_s")
+    if not a or not b:
+        return None
+    return (sum(a) / len(a)) / (sum(b) / len(b))
 
 
 def switch_cost(steps: list[dict]) -> dict | None:
@@ -200,6 +210,8 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
                     named.append(f"of which plan switches ({sw['switch_steps']} of {sw['timed_steps']} timed steps start a new plan; "
                                  f"measured against steady steps of the same plan) {ps['seconds']:+.4f} s per step, mostly {top} "
                                  f"{ps[top]:+.4f} s" + (" (optimizer state allocated for the newly active parameters)" if top == "optimizer" else ""))
+                if o["machine_speed"] is not None:
+                    named.append(f"machine GEMM rate around this worker's timed steps {100 * o['machine_speed']:.0f}% of that around full's")
                 lines.append(f"- **{label}** ({o['percent']:.0f}% of ideal): step "
                              f"{o['step_seconds']:.4f} s measured vs {o['ideal_step_seconds']:.4f} s ideal; " + "; ".join(named))
             lines.append("")

@@ -133,6 +133,8 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
                 section = md.split(f"### Equal batch, {title}\n", 1)[1].split("\n### ", 1)[0]
                 bullet = next(line for line in section.splitlines() if line.startswith(f"- **{label}** ("))
                 assert f"({100 * gain / ideal:.0f}% of ideal)" in bullet and " s measured vs " in bullet
+                rate = lambda e: sum(e["machine_gemm_flops_per_s"]) / 2  # noqa: E731 - before and after the timed steps
+                assert f"machine GEMM rate around this worker's timed steps {100 * rate(eb) / rate(full):.0f}% of that around full's" in bullet
         mem_rows = {r["method"]: r for r in t[f"Throughput at equal memory, {title}"]}
         for label, run in runs.items():
             em, row = run["equal_memory"], mem_rows[label]
