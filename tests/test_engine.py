@@ -254,6 +254,29 @@ def test_gradient_checkpointing_covers_frozen_blocks_above_the_active_one(family
     assert a1 < (0.6 * a0 if family == "bert" else a0 - 200_000), (a1, a0)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gradient_checkpointing_keeps_backward_stopping_at_the_active_block(family):
+    """transformers 5 makes the embeddings' output require grad when checkpointing is enabled; the engine
+    removes that, so blocks below the active one still record nothing: with only the top block active,
+    checkpointing saves no more than no checkpointing, and the bottom blocks get no input gradient."""
+    saved = []
+    for gc in (False, True):
+        model = tiny_bert(layers=4) if family == "bert" else tiny_llama(layers=4)
+        task = "classification" if family == "bert" else "causal_lm"
+        trainer = make_trainer(model, {"name": "lift", "schedule": "top_down", "switch_every": 100}, batch_for(model), task=task,
+                               gradient_checkpointing=gc, max_grad_norm=None)
+        seen = []
+        handles = [b.register_forward_hook(lambda m, a, k, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad),
+                                           with_kwargs=True) for b in trainer.method.anatomy.blocks[:3]]
+        rec = trainer.train_step()
+        for h in handles:
+            h.remove()
+        assert rec.plan.blocks == (3,)
+        assert seen == [False, False, False], seen  # blocks 0-2 build no graph
+        saved.append(rec.bytes["activations"])
+    assert saved[1] <= saved[0], saved
+
+
 def test_bf16_autocast_trains():
     model = tiny_llama(layers=2)
     trainer = make_trainer(model, {"name": "lift", "switch_every": 1}, batch_for(model), task="causal_lm", bf16=True)
