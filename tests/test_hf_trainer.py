@@ -119,3 +119,17 @@ def test_trl_sft_trainer_with_lift(tmp_path, tokenizer):
     trl.SFTTrainer(model=cb.model, args=args, train_dataset=ds, processing_class=tok, optimizers=(cb.optimizer, None), callbacks=[cb]).train()
     assert [p.blocks for _, p in cb.history] == [(2, 3), (2, 3), (0, 1), (0, 1)]
     assert changed_groups(cb, before) == {"block.0", "block.1", "block.2", "block.3", "head"}
+
+
+def test_trainer_checkpointing_keeps_backward_stopping_at_the_plan(tmp_path):
+    """With the Trainer's (non-reentrant) activation checkpointing, block 0 below LIFT's active blocks builds no graph."""
+    model = tiny_bert()
+    args = training_args(tmp_path, gradient_checkpointing=True)
+    cb = LayerwiseCallback(model, "lift", args=args, k=1, switch_every=2, schedule="top_down")
+    seen = []
+    block0 = cb.method.anatomy.blocks[0]
+    block0.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    trainer = Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb])
+    trainer.train()
+    assert [p.blocks for _, p in cb.history] == [(3,), (3,), (2,), (2,), (1,), (1,)]
+    assert len(seen) == STEPS and not any(seen), seen

@@ -148,7 +148,7 @@ class Trainer:
             if not getattr(self.model, "supports_gradient_checkpointing", False) and not hasattr(self.model, "gradient_checkpointing_enable"):
                 raise ValueError("this model does not support gradient checkpointing: set train.gradient_checkpointing=false")
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            _keep_inputs_grad_free(self.model)
+            keep_inputs_grad_free(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.step_index = 0
@@ -336,7 +336,7 @@ class Trainer:
         return rec
 
 
-def _keep_inputs_grad_free(model: nn.Module) -> None:
+def keep_inputs_grad_free(model: nn.Module) -> None:
     """Undo what enabling checkpointing does to the embeddings' output in transformers 5 (and peft): a
     hook that makes it require grad, so that reentrant checkpointing sees a gradient. Non-reentrant
     checkpointing (the engine's) does not need it, and with it every frozen block below the lowest

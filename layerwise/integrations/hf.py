@@ -132,6 +132,14 @@ class LayerwiseCallback(TrainerCallback):
                 f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper "
                 "cannot follow: run it data parallel with `torchrun -m layerwise train` (docs/scale-out.md)"
             )
+        on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        gc_kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None) or {}
+        if on and not gc_kwargs.get("use_reentrant", False):
+            # The Trainer enabled (non-reentrant) checkpointing before this call; drop transformers' hook
+            # that makes the embeddings' output require grad, or backward no longer stops at the plan.
+            from ..engine.trainer import keep_inputs_grad_free
+
+            keep_inputs_grad_free(kwargs.get("model") or self.model)
         if state.global_step:
             raise ConfigError(
                 "resume_from_checkpoint restores torch's optimizer state by position, which cannot describe a switched "
