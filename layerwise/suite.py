@@ -64,11 +64,11 @@ PRESETS = {
         "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
     },
     "quick": {
-        "minilm": dict(seq_len=64, batch_size=8, steps=8, eval_every=8, eval_samples=32, train_samples=2000, ist_probe_every=5),
-        "smollm2": dict(seq_len=32, batch_size=2, steps=5, eval_every=5, eval_samples=8, train_samples=500, ist_probe_every=4),
+        "minilm": dict(seq_len=64, batch_size=8, steps=6, eval_every=6, eval_samples=32, train_samples=2000, ist_probe_every=5),
+        "smollm2": dict(seq_len=32, batch_size=2, steps=3, eval_every=3, eval_samples=8, train_samples=500, ist_probe_every=2),
         "tiny": dict(seq_len=16, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=64),
         "memory_steps": 2, "batch_cap": 4, "salf_samples": 16, "max_steps_factor": 1.5,
-        "scaling": dict(depth=[4, 12, 24, 48], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
+        "scaling": dict(depth=[4, 12, 24], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
     },
 }
 SCALING_METHODS = ("full", "lift", "lora", "meft")
