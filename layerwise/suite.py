@@ -243,11 +243,11 @@ def matrix_rate(device: str, precision: str, n: int = 2048, reps: int = 5) -> di
     times = []
     for _ in range(reps + 1):
         if dev.type == "cuda":
-            s, e = _cuda_event(torch), None
+            start = _cuda_event(torch)
             a @ b
-            e = _cuda_event(torch)
+            end = _cuda_event(torch)
             torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000.0)
+            times.append(start.elapsed_time(end) / 1000.0)
         else:
             t0 = time.perf_counter()
             a @ b
@@ -365,12 +365,12 @@ def run_worker(spec: dict) -> dict:
             at_steps = points[-1]
         if crossed or capped:
             at_time = {**points[-1], "capped": capped}
-        if done >= steps and (budget_s is None or at_time is not None or done >= spec["max_steps"]):
+        if done >= steps and (budget_s is None or at_time is not None):
             break
     clock.close()
     speed.append(matrix_rate(spec.get("device", "cpu"), spec["precision"], n=1024, reps=3)["flops_per_s"])
     if at_time is None:
-        at_time = at_steps  # no budget (this is full, which sets it) or the cap was reached first
+        at_time = at_steps  # full: it sets the time budget
     timed = rows[1:steps] if steps > 1 else rows
     tokens = sum(r["tokens"] for r in timed)
     step_seconds = sum(r["seconds"] for r in timed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 MiB = 2**20
-SWITCH_PHASES = ("method_hook", "forward", "backward", "optimizer", "other")
 COMPONENTS = ("weights", "grads", "optimizer", "activations")
 PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
@@ -171,6 +170,8 @@ def render(report: dict, out: Path) -> str:
 
 
 def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dict) -> list[str]:
+    from .suite import PHASES
+
     precs = list(entry["runs"])
     first = next(iter(entry["runs"][precs[0]].values()))
     lines = [
@@ -206,7 +207,7 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
                 sw = o["switches"]
                 if sw and sw["compared"]:
                     ps = sw["per_step"]
-                    top = max(SWITCH_PHASES, key=lambda k: ps[k])
+                    top = max(PHASES, key=lambda k: ps[k])
                     named.append(f"of which plan switches ({sw['switch_steps']} of {sw['timed_steps']} timed steps start a new plan; "
                                  f"measured against steady steps of the same plan) {ps['seconds']:+.4f} s per step, mostly {top} "
                                  f"{ps[top]:+.4f} s" + (" (optimizer state allocated for the newly active parameters)" if top == "optimizer" else ""))
