@@ -46,9 +46,13 @@ class TrainConfig:
     frozen_dtype: Literal["fp32", "bf16"] = "fp32"
     """bf16: blocks that do not train this step are held in bf16 (active blocks, embeddings and head in
     float32); inputs are cast at block boundaries. See docs/beyond.md."""
-    frozen_master: Literal["rounded", "host"] = "rounded"
+    frozen_master: Literal["rounded", "host", "disk"] = "rounded"
     """With frozen_dtype=bf16, where a block's float32 value comes from when it becomes active:
-    its bf16 value (rounded) or a float32 copy kept in host memory (host; counted in weights on CPU)."""
+    its bf16 value (rounded), a float32 copy kept in host memory (host; counted in weights on CPU),
+    or a float32 copy in a file per frozen block on disk (disk; no memory, disk I/O at each switch)."""
+    frozen_master_dir: str | None = None
+    """frozen_master=disk: the folder under which the run's scratch folder of float32 masters is made
+    (default: the system temp folder); the scratch folder is removed when the run ends."""
     optimizer_state: Literal["reset", "keep"] = "reset"
     """On a switch, drop the leaving parameters' optimizer state (reset) or stash it and restore it when they return (keep)."""
     seed: int = 0
@@ -101,6 +105,16 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.save_every': {self.save_every} must be 0 (only at the end) or a number of steps")
         if self.keep_last < 1:
             raise ConfigError(f"config key 'train.keep_last': {self.keep_last} must be at least 1")
+        if self.frozen_dtype == "fp32" and self.frozen_master != "rounded":
+            raise ConfigError(
+                f"config key 'train.frozen_master': {self.frozen_master!r} has no effect with train.frozen_dtype=fp32 "
+                "(frozen blocks stay float32): set train.frozen_dtype=bf16 or drop train.frozen_master"
+            )
+        if self.frozen_master_dir is not None and self.frozen_master != "disk":
+            raise ConfigError(
+                f"config key 'train.frozen_master_dir' is only used with train.frozen_master=disk (it is {self.frozen_master!r}): "
+                "set train.frozen_master=disk or drop train.frozen_master_dir"
+            )
         if isinstance(self.prefix_cache, bool):  # YAML reads a bare on/off as true/false
             self.prefix_cache = "on" if self.prefix_cache else "off"
         if self.prefix_cache not in ("off", "auto", "on"):

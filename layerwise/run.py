@@ -7,6 +7,7 @@ behind. Final artefacts (summary, model) are written to a temporary name and ren
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -211,47 +212,50 @@ class Run:
 
             shard_model(self.model, self.method.anatomy)  # before the Trainer takes the (now DTensor) parameters
         trainer = Trainer(self.model, self.method, tcfg, stream, device=self.device)
-        out = self.output
-        if self.dist:
-            if tcfg.fsdp:
-                from .engine.fsdp import LossSync
+        with contextlib.ExitStack() as cleanup:
+            if trainer.lowp is not None:
+                cleanup.callback(trainer.lowp.close)  # frozen_master=disk: the scratch folder of float32 masters
+            out = self.output
+            if self.dist:
+                if tcfg.fsdp:
+                    from .engine.fsdp import LossSync
 
-                trainer.grad_sync = LossSync(self.dist[1])  # FSDP's reduce-scatter averages the gradients
-            else:
-                trainer.grad_sync = ActiveGradSync(self.dist[1])
-            if self.rank:
-                # Other ranks train the same way and write into a scratch folder, removed at the end.
-                out = Path(tempfile.mkdtemp(prefix=f"layerwise-rank{self.rank}-"))
-        loop_state = None
-        if self.checkpoint is not None:
-            loop_state = load_checkpoint(self.checkpoint, trainer)
-            if trainer.step_index >= tcfg.max_steps and (out / "summary.json").exists():
-                raise ConfigError(f"run '{out}' is complete ({trainer.step_index} of {tcfg.max_steps} steps): nothing to resume")
-            _truncate_metrics(out / "metrics.jsonl", trainer.step_index)
-            self.log(f"resuming from {self.checkpoint} (step {trainer.step_index} of {tcfg.max_steps})")
-        if self.prefix_decision.enabled:
-            self._open_prefix_cache(trainer)  # may refuse (no disk space) before a new run folder is made
-        if self.checkpoint is None:
-            out.mkdir(parents=True, exist_ok=True)
-            resolved = to_dict(cfg)
-            resolved["method"] = to_dict(self.mcfg)
-            resolved["task"] = self.task
-            (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        try:
-            summary = self._train(trainer, eval_loader, out, loop_state)
-        except BaseException:
-            # A run that did not finish leaves no summary or model that could be mistaken for results.
-            for name in ("summary.json", "model"):
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                elif p.exists():
-                    p.unlink()
-            raise
-        finally:
-            if self.rank:
-                shutil.rmtree(out, ignore_errors=True)
-        return summary
+                    trainer.grad_sync = LossSync(self.dist[1])  # FSDP's reduce-scatter averages the gradients
+                else:
+                    trainer.grad_sync = ActiveGradSync(self.dist[1])
+                if self.rank:
+                    # Other ranks train the same way and write into a scratch folder, removed at the end.
+                    out = Path(tempfile.mkdtemp(prefix=f"layerwise-rank{self.rank}-"))
+            loop_state = None
+            if self.checkpoint is not None:
+                loop_state = load_checkpoint(self.checkpoint, trainer)
+                if trainer.step_index >= tcfg.max_steps and (out / "summary.json").exists():
+                    raise ConfigError(f"run '{out}' is complete ({trainer.step_index} of {tcfg.max_steps} steps): nothing to resume")
+                _truncate_metrics(out / "metrics.jsonl", trainer.step_index)
+                self.log(f"resuming from {self.checkpoint} (step {trainer.step_index} of {tcfg.max_steps})")
+            if self.prefix_decision.enabled:
+                self._open_prefix_cache(trainer)  # may refuse (no disk space) before a new run folder is made
+            if self.checkpoint is None:
+                out.mkdir(parents=True, exist_ok=True)
+                resolved = to_dict(cfg)
+                resolved["method"] = to_dict(self.mcfg)
+                resolved["task"] = self.task
+                (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            try:
+                summary = self._train(trainer, eval_loader, out, loop_state)
+            except BaseException:
+                # A run that did not finish leaves no summary or model that could be mistaken for results.
+                for name in ("summary.json", "model"):
+                    p = out / name
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif p.exists():
+                        p.unlink()
+                raise
+            finally:
+                if self.rank:
+                    shutil.rmtree(out, ignore_errors=True)
+            return summary
 
     def _open_prefix_cache(self, trainer: Trainer) -> None:
         """Reuse or build the frozen-prefix cache (after a checkpoint is loaded: the key hashes the weights as they are).
@@ -380,6 +384,7 @@ class Run:
             "switches": trainer.switches,
             "skipped_steps": trainer.skipped_steps,
             "estimate": self.estimate.as_dict(),
+            **({"frozen_weights": trainer.lowp.stats()} if getattr(trainer, "lowp", None) is not None else {}),
             **({"prefix_cache": self.prefix_cache.summary() if self.prefix_cache else {"used": False, "reason": self.prefix_decision.reason}}
                if self.cfg.train.prefix_cache != "off" else {}),
             "eval_before": eval_before,

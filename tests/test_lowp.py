@@ -119,6 +119,25 @@ def test_run_with_frozen_dtype(tiny_llama_dir, lm_jsonl, tmp_path):
     assert all(p.dtype == torch.float32 for p in saved.parameters())
 
 
+def test_run_with_disk_master_reports_and_cleans_up(tiny_llama_dir, lm_jsonl, tmp_path):
+    scratch = tmp_path / "scratch"
+    raw = {
+        "model": tiny_llama_dir, "output": str(tmp_path / "run"), "method": {"name": "lift", "switch_every": 1},
+        "data": {"source": lm_jsonl, "max_length": 24},
+        "train": {"batch_size": 4, "max_steps": 3, "progress": False, "eval_before": False, "save_model": False,
+                  "frozen_dtype": "bf16", "frozen_master": "disk", "frozen_master_dir": str(scratch),
+                  "memory_check": False, "disk_check": False},
+    }
+    cfg, mcfg = resolve(raw)
+    summary = train(cfg, mcfg, log=lambda *a, **k: None)
+    fw = summary["frozen_weights"]
+    assert fw["master"] == "disk" and fw["dtype"] == "bfloat16" and fw["master_memory_bytes"] == 0
+    # Float32 masters went to disk and came back (at a switch, for the final checkpoint, at the end).
+    assert fw["bytes_written"] > 0 and fw["bytes_read"] > 0 and fw["io_seconds"] > 0
+    assert summary["memory"]["weights"] < summary["total_parameters"] * 4
+    assert scratch.exists() and list(scratch.iterdir()) == []  # the run's scratch folder is gone
+
+
 def test_bf16_frozen_blocks_with_gradient_checkpointing():
     """bf16 frozen blocks above the active one are checkpointed too: same loss, fewer saved bytes."""
     recs = []
@@ -130,3 +149,65 @@ def test_bf16_frozen_blocks_with_gradient_checkpointing():
     assert recs[0].plan.blocks == (0,)
     assert recs[1].loss == pytest.approx(recs[0].loss, rel=1e-6)
     assert recs[1].bytes["activations"] < 0.6 * recs[0].bytes["activations"]
+
+
+def test_disk_master_is_the_host_master_without_the_memory(tmp_path):
+    """frozen_master=disk: the same float32 masters as host (same losses, bitwise the same weights),
+    kept in one file per frozen block instead of memory; the scratch folder goes with close()."""
+    runs = {}
+    for master in ("host", "disk"):
+        model = tiny_llama()
+        extra = {"frozen_master_dir": str(tmp_path)} if master == "disk" else {}
+        t, anatomy = _trainer(model, {"name": "lift", "switch_every": 1, "schedule": "bottom_up"}, "causal_lm", 8,
+                              frozen_dtype="bf16", frozen_master=master, **extra)
+        losses, files = [], []
+        for _ in range(8):
+            rec = t.train_step()
+            losses.append(rec.loss)
+            if master == "disk":
+                files.append(sorted(f.name for f in t.lowp.dir.iterdir()))
+                # Nothing but the bf16/float32 parameters in memory: masters are not counted.
+                assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters())
+                assert t.lowp.master_bytes() == 0
+            else:
+                assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.lowp.master_bytes()
+        t.lowp.restore_all()
+        runs[master] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, files, t.lowp)
+    assert runs["disk"][0] == runs["host"][0]
+    host_w, disk_w = runs["host"][1], runs["disk"][1]
+    assert host_w.keys() == disk_w.keys() and all(torch.equal(host_w[k], disk_w[k]) for k in host_w)
+    # One file per frozen block: the active one (bottom_up, 1 step each: step s trains block s % 4) has none.
+    lowp = runs["disk"][3]
+    L = len(lowp.blocks)
+    for step, names in enumerate(runs["disk"][2]):
+        active = step % L
+        assert names == [f"block-{i:04d}.safetensors" for i in range(L) if i != active], step
+    assert lowp.bytes_written > 0 and lowp.bytes_read > 0 and lowp.io_seconds > 0
+    assert lowp.dir.parent == tmp_path and not any(lowp.dir.iterdir())  # restore_all read every master back
+    lowp.close()
+    assert not lowp.dir.exists()
+
+
+def test_disk_master_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from layerwise.errors import ConfigError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"needs about .* MiB .* has 0.0 MiB free: set train.frozen_master_dir"):
+        _trainer(tiny_llama(), {"name": "lift"}, "causal_lm", 2, frozen_dtype="bf16", frozen_master="disk",
+                 frozen_master_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+@pytest.mark.parametrize("train,message", [
+    ({"frozen_master": "host"}, "has no effect with train.frozen_dtype=fp32"),
+    ({"frozen_dtype": "bf16", "frozen_master_dir": "/tmp"}, "only used with train.frozen_master=disk"),
+])
+def test_frozen_master_config_errors(train, message):
+    from layerwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve({"train": train})

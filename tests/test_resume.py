@@ -29,6 +29,11 @@ METHODS = {
     # dropout > 0 draws from the RNG every step; probes every 2 steps move the scores and the probe stream.
     "ist": ["--method", "ist", "--set", "method.probe_every=2", "--set", "method.importance_batch_size=4", "--set", "method.heatmap=false"],
     "salf": ["--method", "salf", "--set", "method.samples=16"],
+    # train.frozen_dtype=bf16: the checkpoint holds each frozen block's master (bf16 value, or the exact
+    # float32 copy kept in memory or on disk) and a resume re-applies the saved plan's dtypes.
+    **{f"lift-bf16-{m}": ["--method", "lift", "--set", "method.switch_every=3", "--set", "method.schedule=bottom_up",
+                          "--set", "train.frozen_dtype=bf16", "--set", f"train.frozen_master={m}"]
+       for m in ("rounded", "host", "disk")},
 }
 
 
@@ -92,7 +97,7 @@ def test_stop_and_resume_is_bitwise_exact(method, references, tiny_bert_dir, cls
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["switches"] == json.loads((ref / "summary.json").read_text())["switches"]
-    if method == "lift":
+    if method.startswith("lift"):
         # The saved model (from_pretrained folder) is the same too.
         a = load_file(ref / "model" / "model.safetensors")
         b = load_file(out / "model" / "model.safetensors")

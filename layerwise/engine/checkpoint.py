@@ -229,6 +229,12 @@ def save_checkpoint(
     model = trainer.model
     names, _ = _named(model)
     weights = {names[i]: p for i, p in ((id(p), p) for p in model.parameters()) if i in trainer.touched}
+    lowp = getattr(trainer, "lowp", None)
+    if lowp is not None:
+        # train.frozen_dtype=bf16: a frozen block's exact float32 master (host/disk), not its bf16 copy.
+        for i, value in lowp.masters().items():
+            if i in trainer.touched and i in names:
+                weights[names[i]] = value
     weights.update({f"buffer/{name}": b for name, b in model.named_buffers()})
     _save_tensors(tmp / "model.safetensors", weights)
 
@@ -366,6 +372,10 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
     if method_state["name"] != trainer.method.name:
         raise CheckpointError(f"checkpoint {path.name} is of method '{method_state['name']}', not '{trainer.method.name}'")
 
+    lowp = getattr(trainer, "lowp", None)
+    if lowp is not None:
+        # Every block float32 while the saved values are copied in; re-applied below for the saved plan.
+        lowp.restore_all()
     with torch.no_grad():
         for name, value in load_file(str(path / "model.safetensors")).items():
             if name.startswith("buffer/"):
@@ -378,6 +388,14 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
                 raise CheckpointError(f"checkpoint {path.name}: '{name}' has shape {tuple(value.shape)}, the model {tuple(target.shape)}")
             target.copy_(_like(target, value))
 
+    p = state["plan"]
+    plan = Plan(tuple(p["blocks"]), embeddings=p["embeddings"], head=p["head"])
+    if lowp is not None:
+        # Blocks outside the saved plan back to bf16 (fresh masters from the loaded float32 values), the
+        # plan's blocks float32 before their optimizer state is loaded.
+        lowp.apply(plan.blocks)
+        trainer.meter.refresh(model)
+        trainer.weight_bytes = trainer._weights_now()
     opt = trainer.optimizer
     if opt_meta["policy"] != opt.state_policy:
         raise CheckpointError(f"checkpoint {path.name} used optimizer_state={opt_meta['policy']}, this run {opt.state_policy}")
@@ -409,8 +427,7 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
 
     trainer.method.load_state_dict(method_state["state"])
     stream.load_state_dict(state["data"])
-    p = state["plan"]
-    trainer.plan = Plan(tuple(p["blocks"]), embeddings=p["embeddings"], head=p["head"])
+    trainer.plan = plan
     trainer.step_index = state["step"]
     trainer.switches = state["switches"]
     for key in ("skipped_steps", "consecutive_skips"):  # train.on_nonfinite=skip counters

@@ -18,14 +18,32 @@ in bf16; the active blocks train in float32.
     before the first cast, the trained value when a block leaves. A block that becomes active gets
     its exact float32 master written back. On a CUDA device this costs host RAM only; on CPU it is
     the same memory, and it is counted in ``weights`` (so it saves nothing there).
+  - ``disk``: the same exact float32 masters, kept in one safetensors file per frozen block in a
+    scratch folder (``train.frozen_master_dir``, default the system temp folder) instead of memory:
+    written when a block leaves the active set (atomically: temporary file, then rename), read
+    back and deleted when it joins. Costs one block's float32 bytes of disk I/O each way per
+    switch (timed in ``io_seconds``) and no process memory. The folder is removed by :meth:`close`.
+
+Checkpoints store a frozen block's float32 master where one is kept (``host``, ``disk``) and its
+bf16 value otherwise, so a resumed run continues from the same values (:meth:`masters`,
+:meth:`restore_all` before loading, then :meth:`apply` with the checkpoint's plan).
 
 Embeddings and head are never cast (they train in most plans; in SmolLM2 they are tied).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,16 +58,32 @@ def _cast(value, dtype):
     return value
 
 
+MASTERS = ("rounded", "host", "disk")
+
+
+def _float_bytes(block: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in block.parameters() if p.is_floating_point())
+
+
 class FrozenLowPrecision:
-    def __init__(self, blocks: list[nn.Module], dtype: torch.dtype = torch.bfloat16, master: str = "rounded"):
-        if master not in ("rounded", "host"):
-            raise ValueError(f"frozen_master must be 'rounded' or 'host', got {master!r}")
+    def __init__(self, blocks: list[nn.Module], dtype: torch.dtype = torch.bfloat16, master: str = "rounded",
+                 master_dir: str | os.PathLike | None = None):
+        if master not in MASTERS:
+            raise ValueError(f"frozen_master must be one of {', '.join(MASTERS)}, got {master!r}")
         self.blocks = list(blocks)
         self.dtype = dtype
         self.master_policy = master
         self.low: set[int] = set()
         #: float32 host copies by block (``host`` policy).
         self.master: dict[int, list[torch.Tensor]] = {}
+        #: ``disk`` policy: the scratch folder holding ``block-NNNN.safetensors`` per frozen block.
+        self.dir: Path | None = None
+        #: Seconds spent writing and reading disk masters, and the bytes moved each way.
+        self.io_seconds = 0.0
+        self.bytes_written = 0
+        self.bytes_read = 0
+        if master == "disk":
+            self.dir = self._make_dir(master_dir)
         self.casts = 0
         self._handles = []
         for i, block in enumerate(self.blocks):
@@ -72,6 +106,43 @@ class FrozenLowPrecision:
 
         return hook
 
+    def _make_dir(self, master_dir) -> Path:
+        parent = Path(master_dir).expanduser() if master_dir else Path(tempfile.gettempdir())
+        need = sum(_float_bytes(b) for b in self.blocks)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+        except OSError as exc:
+            raise ConfigError(f"train.frozen_master=disk cannot use '{parent}' ({exc}): set train.frozen_master_dir to a writable folder") from exc
+        # Every block may be frozen at once; keep a tenth of the disk's free space in reserve.
+        if need > 0.9 * free:
+            raise ConfigError(
+                f"train.frozen_master=disk needs about {need / 2**20:.1f} MiB (float32 copies of {len(self.blocks)} blocks) "
+                f"but '{parent}' has {free / 2**20:.1f} MiB free: set train.frozen_master_dir to a larger disk, "
+                "or use train.frozen_master=rounded (no copy) or host (in memory)"
+            )
+        return Path(tempfile.mkdtemp(prefix="layerwise-master-", dir=parent))
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"block-{i:04d}.safetensors"
+
+    def _write(self, i: int, params) -> None:
+        t0 = time.perf_counter()
+        tensors = {str(j): p.detach().to("cpu", torch.float32).contiguous() for j, p in enumerate(params) if p.is_floating_point()}
+        final = self._path(i)
+        tmp = final.with_name(final.name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, final)
+        self.bytes_written += sum(t.nbytes for t in tensors.values())
+        self.io_seconds += time.perf_counter() - t0
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        tensors = load_file(str(self._path(i)))
+        self.bytes_read += sum(t.nbytes for t in tensors.values())
+        self.io_seconds += time.perf_counter() - t0
+        return tensors
+
     def _params(self, i: int) -> list[nn.Parameter]:
         return list(self.blocks[i].parameters())
 
@@ -79,6 +150,8 @@ class FrozenLowPrecision:
         params = self._params(i)
         if self.master_policy == "host":
             self.master[i] = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        elif self.master_policy == "disk":
+            self._write(i, params)
         for p in params:
             if p.is_floating_point():
                 p.data = p.data.to(self.dtype)
@@ -88,6 +161,10 @@ class FrozenLowPrecision:
     def _to_fp32(self, i: int) -> None:
         params = self._params(i)
         saved = self.master.pop(i, None)
+        if self.master_policy == "disk":
+            on_disk = self._read(i)
+            saved = [on_disk.get(str(j)) for j in range(len(params))]
+            self._path(i).unlink()
         for j, p in enumerate(params):
             if not p.is_floating_point():
                 continue
@@ -114,10 +191,48 @@ class FrozenLowPrecision:
         for i in sorted(self.low):
             self._to_fp32(i)
 
+    def masters(self) -> dict[int, torch.Tensor]:
+        """The float32 master of every floating parameter of a low block, by ``id(param)`` (``host``
+        and ``disk``; empty for ``rounded``, whose master is the bf16 value itself): what a checkpoint stores."""
+        out: dict[int, torch.Tensor] = {}
+        if self.master_policy == "rounded":
+            return out
+        for i in sorted(self.low):
+            params = self._params(i)
+            if self.master_policy == "host":
+                values = self.master[i]
+            else:
+                on_disk = self._read(i)
+                values = [on_disk.get(str(j)) for j in range(len(params))]
+            for p, v in zip(params, values):
+                if p.is_floating_point():
+                    out[id(p)] = v
+        return out
+
     def master_bytes(self) -> int:
+        """Bytes of master copies held in memory (``host``); ``disk`` masters are not in memory."""
         return sum(t.nbytes for ts in self.master.values() for t in ts)
+
+    def disk_bytes(self) -> int:
+        if self.dir is None or not self.dir.exists():
+            return 0
+        return sum(f.stat().st_size for f in self.dir.glob("block-*.safetensors"))
+
+    def stats(self) -> dict:
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""), "master": self.master_policy, "casts": self.casts,
+            "master_memory_bytes": self.master_bytes(), "master_disk_bytes": self.disk_bytes(),
+            "master_dir": str(self.dir) if self.dir is not None else None,
+            "io_seconds": round(self.io_seconds, 4), "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,
+        }
+
+    def close(self) -> None:
+        """Remove the ``disk`` masters' scratch folder (call after :meth:`restore_all`)."""
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.close()

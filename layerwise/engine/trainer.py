@@ -158,7 +158,8 @@ class Trainer:
         if getattr(cfg, "frozen_dtype", "fp32") != "fp32":
             from .lowp import DTYPES, FrozenLowPrecision
 
-            self.lowp = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], getattr(cfg, "frozen_master", "rounded"))
+            self.lowp = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], getattr(cfg, "frozen_master", "rounded"),
+                                           getattr(cfg, "frozen_master_dir", None))
             self.lowp.apply(self.plan.blocks)
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
