@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,10 +138,18 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         for name in methods:
             run_dir = out / "runs" / f"{name}-{rep}"
             cmd = [sys.executable, "-m", "layerwise", "train", str(out / "configs" / f"{name}.yaml"), "--output", str(run_dir)]
+            own_cache = None
+            if raws[name].get("train", {}).get("prefix_cache", "off") not in ("off", False) and not raws[name]["train"].get("prefix_cache_dir"):
+                # Each run builds its own frozen-prefix cache, so every repeat's tokens/s includes the build
+                # (a shared folder would let repeat 2 reuse repeat 1's cache).
+                own_cache = out / "runs" / f"{name}-{rep}-prefix-cache"
+                cmd += ["--set", f"train.prefix_cache_dir={own_cache}"]
             print(f"[{rep + 1}/{args.repeats}] {name} ...", end=" ", flush=True)
             _run(cmd, out / "runs" / f"{name}-{rep}.log")
             summary = json.loads((run_dir / "summary.json").read_text())
             per_method[name].append(summary)
+            if own_cache is not None:
+                shutil.rmtree(own_cache, ignore_errors=True)
             print(f"{summary['tokens_per_s']:.0f} tokens/s, peak training memory {summary['memory']['total'] / 2**20:.0f} MiB", flush=True)
 
     results = []

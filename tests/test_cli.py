@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -135,3 +136,23 @@ def test_bench_entry_can_carry_its_own_train_settings():
         _method_raw(base, "lora", 10, 6, {"train": 5})
     with pytest.raises(ConfigError):
         resolve(_method_raw(base, "lora", 10, 6, {"train": {"lrr": 1e-3}}))
+
+
+def test_bench_repeats_build_their_own_prefix_cache(tiny_bert_dir, cls_jsonl, tmp_path):
+    """A cached entry's every repeat builds its cache (timed) in a folder of its own, removed afterwards."""
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "layerwise", "bench", "--methods", "freeze,cached", "--model", tiny_bert_dir,
+        "--data", cls_jsonl, "--steps", "3", "--batch-size", "4", "--seq-len", "16", "--repeats", "2", "--eval", "0",
+        "--set", "methods.cached.name=freeze", "--set", "methods.cached.top=1", "--set", "methods.freeze.top=1",
+        "--set", "methods.cached.train.prefix_cache=on", "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "LAYERWISE_CACHE": str(tmp_path / "shared")})
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    for rep in range(2):
+        cache = json.loads((out / "runs" / f"cached-{rep}" / "summary.json").read_text())["prefix_cache"]
+        assert cache["used"] and cache["built"] and cache["build_seconds"] > 0
+        assert cache["path"].startswith(str(out / "runs" / f"cached-{rep}-prefix-cache"))
+        assert not (out / "runs" / f"cached-{rep}-prefix-cache").exists()
+        assert "prefix_cache" not in json.loads((out / "runs" / f"freeze-{rep}" / "summary.json").read_text())
+    assert not (tmp_path / "shared").exists()
