@@ -43,9 +43,10 @@ class TrainConfig:
     frozen prefix deterministic and lets attention use its fused kernel (on CPU, a MiniLM
     forward in train mode measured ~1.8x slower than in eval mode). True: dropout stays on in
     every block, as in full fine-tuning."""
-    frozen_dtype: Literal["fp32", "bf16"] = "fp32"
+    frozen_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """bf16: blocks that do not train this step are held in bf16 (active blocks, embeddings and head in
-    float32); inputs are cast at block boundaries. See docs/beyond.md."""
+    float32); inputs are cast at block boundaries. int8: their Linear weights are quantized to int8
+    (torchao weight-only, needs frozen_master host or disk); activations stay float32. See docs/beyond.md."""
     frozen_master: Literal["rounded", "host", "disk"] = "rounded"
     """With frozen_dtype=bf16, where a block's float32 value comes from when it becomes active:
     its bf16 value (rounded), a float32 copy kept in host memory (host; counted in weights on CPU),
@@ -109,6 +110,11 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'train.frozen_master': {self.frozen_master!r} has no effect with train.frozen_dtype=fp32 "
                 "(frozen blocks stay float32): set train.frozen_dtype=bf16 or drop train.frozen_master"
+            )
+        if self.frozen_dtype == "int8" and self.frozen_master == "rounded":
+            raise ConfigError(
+                "config key 'train.frozen_master': rounded cannot be used with train.frozen_dtype=int8 (a trained block would be "
+                "rounded to int8 at every switch): set train.frozen_master=disk (no memory) or host"
             )
         if self.frozen_master_dir is not None and self.frozen_master != "disk":
             raise ConfigError(

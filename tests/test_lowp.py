@@ -211,3 +211,56 @@ def test_frozen_master_config_errors(train, message):
 
     with pytest.raises(ConfigError, match=message):
         resolve({"train": train})
+
+
+torchao = pytest.importorskip("torchao", reason="train.frozen_dtype=int8 uses torchao")
+
+
+@pytest.mark.parametrize("master", ["host", "disk"])
+def test_int8_frozen_linears_with_exact_masters(master, tmp_path):
+    """frozen_dtype=int8: a frozen block's Linear weights are int8 (+ per-row scales), its other parameters and
+    the active block float32; the block's own Parameter objects come back with their exact float32 masters."""
+    from layerwise.engine.meter import leaves, tensor_bytes
+
+    model, reference = tiny_llama(), tiny_llama()
+    original = [_block_state(b) for b in find_anatomy(model).blocks]
+    own = {id(p) for p in model.parameters()}
+    extra = {"frozen_master_dir": str(tmp_path)} if master == "disk" else {}
+    lift = {"name": "lift", "switch_every": 1, "schedule": "bottom_up"}
+    t, anatomy = _trainer(model, lift, "causal_lm", 8, frozen_dtype="int8", frozen_master=master, **extra)
+    ref, _ = _trainer(reference, lift, "causal_lm", 8)
+    L = anatomy.num_blocks
+    for step in range(8):
+        rec, ref_rec = t.train_step(), ref.train_step()
+        assert abs(rec.loss - ref_rec.loss) < 0.05 * abs(ref_rec.loss) + 1e-3
+        for i, block in enumerate(anatomy.blocks):
+            q = block.self_attn.q_proj.weight
+            if i in rec.plan.blocks:
+                assert type(q) is torch.nn.Parameter and q.dtype == torch.float32 and id(q) in own
+            else:
+                inner = {leaf.dtype for leaf in leaves(q)}
+                assert torch.int8 in inner and not q.requires_grad
+                assert tensor_bytes(q) < q.numel() * 2  # 1 byte a value + one scale per row
+                assert block.input_layernorm.weight.dtype == torch.float32
+        assert rec.bytes["weights"] == sum(tensor_bytes(p) for p in model.parameters()) + (t.lowp.master_bytes() if master == "host" else 0)
+        assert rec.bytes["weights"] < ref_rec.bytes["weights"] + (t.lowp.master_bytes() if master == "host" else 0)
+    t.lowp.restore_all()
+    # Every Parameter object is the model's own again, float32, and block 0 (trained at steps 0 and 4) moved
+    # from its pretrained value while a never-quantized-for-long block keeps exact masters (no int8 error).
+    assert {id(p) for p in model.parameters()} == own and all(p.dtype == torch.float32 for p in model.parameters())
+    for i in range(L):
+        moved = any(not torch.equal(p.detach(), original[i][n]) for n, p in anatomy.blocks[i].named_parameters())
+        assert moved, i
+        # Trained twice, one AdamW step at lr 1e-3 each: within 2.5e-3 of the pretrained value, so nothing of
+        # the int8 rounding (up to max|w| / 254 per row) stuck to the float32 weights.
+        for n, p in anatomy.blocks[i].named_parameters():
+            assert (p.detach() - original[i][n]).abs().max() <= 2.5e-3, (i, n)
+
+
+def test_int8_needs_an_exact_master():
+    from layerwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rounded cannot be used with train.frozen_dtype=int8"):
+        resolve({"train": {"frozen_dtype": "int8"}})
+    with pytest.raises(ConfigError, match="set train.frozen_master=disk"):
+        _trainer(tiny_llama(), {"name": "lift"}, "causal_lm", 2, frozen_dtype="int8")

@@ -34,6 +34,8 @@ METHODS = {
     **{f"lift-bf16-{m}": ["--method", "lift", "--set", "method.switch_every=3", "--set", "method.schedule=bottom_up",
                           "--set", "train.frozen_dtype=bf16", "--set", f"train.frozen_master={m}"]
        for m in ("rounded", "host", "disk")},
+    "lift-int8-disk": ["--method", "lift", "--set", "method.switch_every=3", "--set", "method.schedule=bottom_up",
+                       "--set", "train.frozen_dtype=int8", "--set", "train.frozen_master=disk"],
 }
 
 

@@ -229,12 +229,15 @@ def save_checkpoint(
     model = trainer.model
     names, _ = _named(model)
     weights = {names[i]: p for i, p in ((id(p), p) for p in model.parameters()) if i in trainer.touched}
+    touched = set(weights)
     lowp = getattr(trainer, "lowp", None)
     if lowp is not None:
-        # train.frozen_dtype=bf16: a frozen block's exact float32 master (host/disk), not its bf16 copy.
-        for i, value in lowp.masters().items():
-            if i in trainer.touched and i in names:
-                weights[names[i]] = value
+        # train.frozen_dtype: a frozen block's exact float32 master (host/disk), not its bf16 or int8 copy
+        # (for int8 the model holds a quantized Parameter in place of the block's own one, which is touched).
+        for now, own, value in lowp.masters():
+            if id(own) in trainer.touched and id(now) in names:
+                weights[names[id(now)]] = value
+                touched.add(names[id(now)])
     weights.update({f"buffer/{name}": b for name, b in model.named_buffers()})
     _save_tensors(tmp / "model.safetensors", weights)
 
@@ -259,7 +262,7 @@ def save_checkpoint(
         "skipped_steps": getattr(trainer, "skipped_steps", 0),
         "consecutive_skips": getattr(trainer, "consecutive_skips", 0),
         "max_trainable": trainer.max_trainable,
-        "touched": sorted(names[i] for i in trainer.touched if i in names),
+        "touched": sorted(touched),
         "totals": {"steps": totals.steps, "tokens": totals.tokens, "samples": totals.samples, "seconds": totals.seconds, "peak": dict(totals.peak)},
         "loop": loop_state or {},
     }
@@ -376,6 +379,7 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
     if lowp is not None:
         # Every block float32 while the saved values are copied in; re-applied below for the saved plan.
         lowp.restore_all()
+        names, by_name = _named(model)  # int8: the blocks' own weight Parameters are back in the model
     with torch.no_grad():
         for name, value in load_file(str(path / "model.safetensors")).items():
             if name.startswith("buffer/"):

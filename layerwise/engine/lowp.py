@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 def _cast(value, dtype):
@@ -61,6 +61,28 @@ def _cast(value, dtype):
 MASTERS = ("rounded", "host", "disk")
 
 
+def _linears(block: nn.Module) -> list[nn.Linear]:
+    return [m for m in block.modules() if isinstance(m, nn.Linear)]
+
+
+def int8_weight_only():
+    """torchao's int8 weight-only quantization config (per output row), or a ConfigError naming the fix."""
+    import logging
+
+    quiet = logging.getLogger("torchao")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns about its CUDA-only kernels (mxfp8, cutlass) on every import
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise ConfigError(
+            f"train.frozen_dtype=int8 needs torchao ({exc}): pip install torchao, or use train.frozen_dtype=bf16"
+        ) from exc
+    finally:
+        quiet.setLevel(level)
+    return Int8WeightOnlyConfig()
+
+
 def _float_bytes(block: nn.Module) -> int:
     return sum(p.numel() * 4 for p in block.parameters() if p.is_floating_point())
 
@@ -70,6 +92,19 @@ class FrozenLowPrecision:
                  master_dir: str | os.PathLike | None = None):
         if master not in MASTERS:
             raise ValueError(f"frozen_master must be one of {', '.join(MASTERS)}, got {master!r}")
+        #: int8: the Linear weights of a frozen block are quantized (torchao int8 weight-only, one scale per
+        #: output row); its other parameters and its activations stay float32.
+        self.int8 = dtype == torch.int8
+        if self.int8:
+            if master == "rounded":
+                raise ConfigError(
+                    "train.frozen_dtype=int8 needs an exact float32 master (a trained block would be rounded to int8 at every "
+                    "switch): set train.frozen_master=disk (no memory) or host"
+                )
+            self._int8_config = int8_weight_only()
+        #: int8: the original float32 weight Parameter of each quantized Linear, by (block, linear index);
+        #: put back (same object, so optimizer and checkpoint references hold) when the block trains again.
+        self._orig: dict[tuple[int, int], nn.Parameter] = {}
         self.blocks = list(blocks)
         self.dtype = dtype
         self.master_policy = master
@@ -92,7 +127,7 @@ class FrozenLowPrecision:
 
     def _pre(self, i: int):
         def hook(module, args, kwargs):
-            if i not in self.low:
+            if i not in self.low or self.int8:
                 return None
             return _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
 
@@ -100,7 +135,7 @@ class FrozenLowPrecision:
 
     def _post(self, i: int):
         def hook(module, args, out):
-            if i not in self.low:
+            if i not in self.low or self.int8:
                 return None
             return _cast(out, torch.float32)
 
@@ -152,13 +187,25 @@ class FrozenLowPrecision:
             self.master[i] = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         elif self.master_policy == "disk":
             self._write(i, params)
-        for p in params:
-            if p.is_floating_point():
-                p.data = p.data.to(self.dtype)
+        if self.int8:
+            from torchao.quantization import quantize_
+
+            for k, lin in enumerate(_linears(self.blocks[i])):
+                orig = lin.weight
+                quantize_(lin, self._int8_config)  # lin.weight is now a new Parameter holding int8 values + scales
+                self._orig[(i, k)] = orig
+                orig.data = orig.data.new_empty(0)  # the float32 value lives in the master
+        else:
+            for p in params:
+                if p.is_floating_point():
+                    p.data = p.data.to(self.dtype)
         self.low.add(i)
         self.casts += 1
 
     def _to_fp32(self, i: int) -> None:
+        if self.int8:
+            for k, lin in enumerate(_linears(self.blocks[i])):
+                lin.weight = self._orig.pop((i, k))  # same position in the module's parameters, same object
         params = self._params(i)
         saved = self.master.pop(i, None)
         if self.master_policy == "disk":
@@ -191,22 +238,27 @@ class FrozenLowPrecision:
         for i in sorted(self.low):
             self._to_fp32(i)
 
-    def masters(self) -> dict[int, torch.Tensor]:
-        """The float32 master of every floating parameter of a low block, by ``id(param)`` (``host``
-        and ``disk``; empty for ``rounded``, whose master is the bf16 value itself): what a checkpoint stores."""
-        out: dict[int, torch.Tensor] = {}
+    def masters(self) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        """``(parameter in the model now, the block's own parameter, float32 master)`` for every floating
+        parameter of a low block (``host`` and ``disk``; none for ``rounded``, whose master is the bf16
+        value itself): what a checkpoint stores. The two parameters differ for an int8-quantized weight."""
+        out = []
         if self.master_policy == "rounded":
             return out
         for i in sorted(self.low):
             params = self._params(i)
+            own = dict(enumerate(params))
+            if self.int8:
+                now = {id(lin.weight): self._orig[(i, k)] for k, lin in enumerate(_linears(self.blocks[i]))}
+                own = {j: now.get(id(p), p) for j, p in own.items()}
             if self.master_policy == "host":
                 values = self.master[i]
             else:
                 on_disk = self._read(i)
                 values = [on_disk.get(str(j)) for j in range(len(params))]
-            for p, v in zip(params, values):
-                if p.is_floating_point():
-                    out[id(p)] = v
+            for j, (p, v) in enumerate(zip(params, values)):
+                if p.is_floating_point() and v is not None:
+                    out.append((p, own[j], v))
         return out
 
     def master_bytes(self) -> int:
@@ -220,7 +272,8 @@ class FrozenLowPrecision:
 
     def stats(self) -> dict:
         return {
-            "dtype": str(self.dtype).replace("torch.", ""), "master": self.master_policy, "casts": self.casts,
+            "dtype": "int8 (Linear weights; torchao weight-only)" if self.int8 else str(self.dtype).replace("torch.", ""),
+            "master": self.master_policy, "casts": self.casts,
             "master_memory_bytes": self.master_bytes(), "master_disk_bytes": self.disk_bytes(),
             "master_dir": str(self.dir) if self.dir is not None else None,
             "io_seconds": round(self.io_seconds, 4), "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,

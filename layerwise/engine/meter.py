@@ -22,8 +22,9 @@ class SavedTensorMeter:
         self.last_bytes = 0
 
     def refresh(self, model: nn.Module) -> None:
-        # FSDP (train.fsdp): a DTensor parameter's storage is its local shard.
-        self._param_ptrs = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in model.parameters()}
+        # FSDP (train.fsdp): a DTensor parameter's storage is its local shard; a quantized weight
+        # (train.frozen_dtype=int8) is its inner tensors.
+        self._param_ptrs = {t.untyped_storage().data_ptr() for p in model.parameters() for t in leaves(p)}
 
     @contextlib.contextmanager
     def track(self):
@@ -45,8 +46,23 @@ class SavedTensorMeter:
         self.last_bytes = sum(seen.values())
 
 
+def leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: itself, a DTensor's local shard, or the inner tensors of
+    a tensor subclass such as torchao's ``Int8Tensor`` (int8 values and their scales)."""
+    if hasattr(t, "to_local"):
+        return [t.to_local()]
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for name in names for leaf in leaves(getattr(t, name))]
+    return [t]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return sum(leaf.nbytes for leaf in leaves(t))
+
+
 def param_bytes(model: nn.Module) -> int:
-    return sum(p.nbytes for p in model.parameters())
+    return sum(tensor_bytes(p) for p in model.parameters())
 
 
 def grad_bytes(params) -> int:
