@@ -264,3 +264,17 @@ def test_int8_needs_an_exact_master():
         resolve({"train": {"frozen_dtype": "int8"}})
     with pytest.raises(ConfigError, match="set train.frozen_master=disk"):
         _trainer(tiny_llama(), {"name": "lift"}, "causal_lm", 2, frozen_dtype="int8")
+
+
+def test_cpu_build_drops_only_torchao_kernel_load_warnings(caplog):
+    import logging
+
+    import layerwise  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        log.warning("Failed to load /site-packages/torchao/_C_cutlass_90a.abi3.so: Could not load this library")
+        log.warning("something else about quantization")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "something else about quantization" in messages
+    assert any(m.startswith("Failed to load") for m in messages) == (torch.version.cuda is not None)
