@@ -20,4 +20,12 @@ class _CpuBuildTorchaoKernels(_logging.Filter):
         return not (torch is not None and getattr(torch.version, "cuda", None) is None)
 
 
+class _TorchaoEnumConstants(_logging.Filter):
+    """torch 2.13 warns, for each of torchao's enums, that ``register_constant()`` on an Enum is deprecated."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
 _logging.getLogger("torchao").addFilter(_CpuBuildTorchaoKernels())
+_logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumConstants())

@@ -8,6 +8,7 @@ behind. Final artefacts (summary, model) are written to a temporary name and ren
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -262,7 +263,10 @@ class Run:
         Its build time counts as training time, so tokens/s includes it."""
         cache = prefix_cache.open_or_build(
             self.cfg, self.prefix_decision, trainer.model, self.method.anatomy, self.tokenizer, self.splits.train,
-            make_collate(self.tokenizer, self.cfg.data), device=self.device, autocast=trainer.autocast, log=self.log,
+            # The build pads each (length-sorted) batch to its longest example only: the states at real
+            # positions do not depend on the padding, and max_length padding would make the build pay for it.
+            make_collate(self.tokenizer, dataclasses.replace(self.cfg.data, padding="longest")),
+            device=self.device, autocast=trainer.autocast, log=self.log,
         )
         if cache is not None:
             trainer.prefix_cache = self.prefix_cache = cache

@@ -54,14 +54,17 @@ def _data(kind, cls_jsonl, lm_jsonl):
 # Exactness
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_cached_run_has_the_same_loss_curve(kind, model_dirs, cls_jsonl, lm_jsonl, tmp_path):
-    """fp32 cache: the loss curve of a shuffled, dynamically padded run is the uncached one (dropout in the trained blocks included)."""
+@pytest.mark.parametrize("kind,padding", [("bert", "longest"), ("llama", "longest"), ("bert", "max_length"), ("llama", "max_length")])
+def test_cached_run_has_the_same_loss_curve(kind, padding, model_dirs, cls_jsonl, lm_jsonl, tmp_path):
+    """fp32 cache: the loss curve of a shuffled run is the uncached one (dropout in the trained blocks included),
+    with dynamic padding and with max_length padding (the build pads each batch to its longest example only)."""
     data = _data(kind, cls_jsonl, lm_jsonl)
     summaries = {}
     for mode in ("off", "on"):
-        cfg, mcfg = resolve(_raw(model_dirs[kind], data, tmp_path / mode, prefix_cache=mode, prefix_cache_dtype="fp32",
-                                 prefix_cache_dir=str(tmp_path / "cache"), eval_after=True))
+        raw = _raw(model_dirs[kind], data, tmp_path / mode, prefix_cache=mode, prefix_cache_dtype="fp32",
+                   prefix_cache_dir=str(tmp_path / "cache"), eval_after=True)
+        raw["data"]["padding"] = padding
+        cfg, mcfg = resolve(raw)
         summaries[mode] = train(cfg, mcfg, log=lambda *a, **k: None)
     a, b = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     assert len(a) == 12 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
