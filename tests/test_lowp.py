@@ -188,6 +188,29 @@ def test_disk_master_is_the_host_master_without_the_memory(tmp_path):
     assert not lowp.dir.exists()
 
 
+def test_disk_master_folder_goes_with_the_object(tmp_path):
+    """Library use without close(): the scratch folder is removed when the object is collected."""
+    import gc
+
+    from layerwise.engine.lowp import FrozenLowPrecision
+
+    blocks = list(find_anatomy(tiny_llama()).blocks)
+    lowp = FrozenLowPrecision(blocks, torch.bfloat16, "disk", tmp_path)
+    lowp.apply([0])
+    folder = lowp.dir
+    assert len(list(folder.iterdir())) == len(blocks) - 1
+    lowp.remove()  # the blocks' hooks no longer refer to it
+    assert not folder.exists()
+    lowp = FrozenLowPrecision(blocks, torch.bfloat16, "disk", tmp_path)
+    lowp.apply([1])
+    folder = lowp.dir
+    for h in lowp._handles:
+        h.remove()
+    del lowp
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_disk_master_refuses_a_disk_too_small(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -117,8 +118,11 @@ class FrozenLowPrecision:
         self.io_seconds = 0.0
         self.bytes_written = 0
         self.bytes_read = 0
+        self._cleanup = None
         if master == "disk":
             self.dir = self._make_dir(master_dir)
+            # Removed by close(), or when this object is collected / the interpreter exits (library use).
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.casts = 0
         self._handles = []
         for i, block in enumerate(self.blocks):
@@ -281,8 +285,8 @@ class FrozenLowPrecision:
 
     def close(self) -> None:
         """Remove the ``disk`` masters' scratch folder (call after :meth:`restore_all`)."""
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
     def remove(self) -> None:
         for h in self._handles:

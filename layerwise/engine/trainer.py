@@ -160,7 +160,11 @@ class Trainer:
 
             self.lowp = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], getattr(cfg, "frozen_master", "rounded"),
                                            getattr(cfg, "frozen_master_dir", None))
-            self.lowp.apply(self.plan.blocks)
+            try:
+                self.lowp.apply(self.plan.blocks)
+            except BaseException:
+                self.lowp.close()  # frozen_master=disk: leave no scratch folder behind
+                raise
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
             lr=cfg.lr,
