@@ -68,19 +68,12 @@ def _linears(block: nn.Module) -> list[nn.Linear]:
 
 def int8_weight_only():
     """torchao's int8 weight-only quantization config (per output row), or a ConfigError naming the fix."""
-    import logging
-
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns about its CUDA-only kernels (mxfp8, cutlass) on every import
-    try:
+    try:  # its CUDA-kernel load warnings on a CPU build of torch are filtered in layerwise/__init__.py
         from torchao.quantization import Int8WeightOnlyConfig
     except ImportError as exc:
         raise ConfigError(
             f"train.frozen_dtype=int8 needs torchao ({exc}): pip install torchao, or use train.frozen_dtype=bf16"
         ) from exc
-    finally:
-        quiet.setLevel(level)
     return Int8WeightOnlyConfig()
 
 
@@ -175,12 +168,13 @@ class FrozenLowPrecision:
         self.bytes_written += sum(t.nbytes for t in tensors.values())
         self.io_seconds += time.perf_counter() - t0
 
-    def _read(self, i: int) -> dict[str, torch.Tensor]:
+    def _read(self, i: int, n: int) -> list[torch.Tensor | None]:
+        """Block ``i``'s float32 masters from disk, by position among its ``n`` parameters (None: not floating)."""
         t0 = time.perf_counter()
         tensors = load_file(str(self._path(i)))
         self.bytes_read += sum(t.nbytes for t in tensors.values())
         self.io_seconds += time.perf_counter() - t0
-        return tensors
+        return [tensors.get(str(j)) for j in range(n)]
 
     def _params(self, i: int) -> list[nn.Parameter]:
         return list(self.blocks[i].parameters())
@@ -213,8 +207,7 @@ class FrozenLowPrecision:
         params = self._params(i)
         saved = self.master.pop(i, None)
         if self.master_policy == "disk":
-            on_disk = self._read(i)
-            saved = [on_disk.get(str(j)) for j in range(len(params))]
+            saved = self._read(i, len(params))
             self._path(i).unlink()
         for j, p in enumerate(params):
             if not p.is_floating_point():
@@ -255,11 +248,7 @@ class FrozenLowPrecision:
             if self.int8:
                 now = {id(lin.weight): self._orig[(i, k)] for k, lin in enumerate(_linears(self.blocks[i]))}
                 own = {j: now.get(id(p), p) for j, p in own.items()}
-            if self.master_policy == "host":
-                values = self.master[i]
-            else:
-                on_disk = self._read(i)
-                values = [on_disk.get(str(j)) for j in range(len(params))]
+            values = self.master[i] if self.master_policy == "host" else self._read(i, len(params))
             for j, (p, v) in enumerate(zip(params, values)):
                 if p.is_floating_point() and v is not None:
                     out.append((p, own[j], v))
