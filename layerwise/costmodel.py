@@ -194,7 +194,9 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
     for i, b in enumerate(blocks):
         handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(b.register_forward_hook(post(i), with_kwargs=True))
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6)
+    from .engine.optim import fused_supported
+
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6, fused=fused_supported(device) or None)  # as the engine's
     ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
     rows = []
     try:

@@ -135,6 +135,25 @@ def test_bf16_cache_is_close(model_dirs, cls_jsonl, lm_jsonl, tmp_path):
     assert abs(cached - ref) < 1e-2 * abs(ref)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_batch_rows_are_each_examples_stored_rows_then_zeros(dtype, model_dirs, cls_jsonl, lm_jsonl, tmp_path):
+    cfg, splits, model, tok, anatomy, decision = _setup("bert", model_dirs, cls_jsonl, lm_jsonl, tmp_path, dtype=dtype)
+    cache = _open(cfg, decision, model, anatomy, tok, splits.train)
+    raw = np.asarray(cache._rows)
+    index = [5, 0, 5, len(cache.offsets) - 2, 3]  # repeats and the last example
+    n = [int(cache.offsets[i + 1] - cache.offsets[i]) for i in index]
+    width = max(n) + 3
+    h, lengths = cache.hidden_for(index, width, torch.device("cpu"))
+    assert h.shape == (len(index), width, cache.hidden) and lengths == n
+    for row, i in enumerate(index):
+        stored = torch.from_numpy(raw[cache.offsets[i] : cache.offsets[i + 1]].copy())
+        stored = stored.view(torch.bfloat16).float() if dtype == "bf16" else stored
+        assert torch.equal(h[row, : n[row]].float(), stored)
+        assert not h[row, n[row] :].any()
+    with pytest.raises(RuntimeError, match=f"example {index[n.index(max(n))]} has {max(n)} cached positions but the batch is {max(n) - 1} wide"):
+        cache.hidden_for(index, max(n) - 1, torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Validity
 

@@ -15,6 +15,12 @@ import torch
 from torch import nn
 
 
+def fused_supported(device: torch.device | str) -> bool:
+    """Whether torch's fused AdamW kernel runs on ``device`` (one kernel over all active parameters;
+    the same update as the for-each implementation up to float rounding)."""
+    return torch.device(device).type in ("cpu", "cuda")
+
+
 def _is_decayed(p: nn.Parameter) -> bool:
     # Biases and norm gains (1-D) are not weight-decayed, as in most HF recipes.
     return p.ndim >= 2
@@ -30,6 +36,7 @@ class ActiveOptimizer:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         state_policy: str = "reset",
+        fused: bool = False,
     ):
         if state_policy not in ("reset", "keep", "retain"):
             raise ValueError(f"optimizer_state must be 'reset', 'keep' or 'retain', got {state_policy!r}")
@@ -39,7 +46,9 @@ class ActiveOptimizer:
             lr=lr,
             betas=betas,
             eps=eps,
+            fused=fused or None,
         )
+        self.fused = bool(fused)
         self._stash: dict[nn.Parameter, dict] = {}
         self.active: list[nn.Parameter] = []
         self.set_active(params)

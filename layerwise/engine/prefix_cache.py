@@ -206,18 +206,20 @@ class PrefixCache:
     # -- reading ----------------------------------------------------------------------------
     def hidden_for(self, index: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """The cached states of examples ``index``, right-padded with zeros to ``width``: (B, width, H)."""
-        out = torch.zeros(len(index), width, self.hidden, dtype=DTYPES[self.dtype])
-        lengths = []
-        for row, i in enumerate(index):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            n = hi - lo
-            if n > width:
-                raise RuntimeError(f"prefix cache: example {i} has {n} cached positions but the batch is {width} wide")
-            src = torch.from_numpy(np.array(self._rows[lo:hi]))  # a copy: the map is read-only
-            out[row, :n] = src.view(torch.bfloat16) if self.dtype == "bf16" else src
-            lengths.append(n)
+        idx = np.asarray(index, dtype=np.int64)
+        lo, n = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        if len(idx) and n.max() > width:
+            i = int(idx[int(np.argmax(n))])
+            raise RuntimeError(f"prefix cache: example {i} has {int(n.max())} cached positions but the batch is {width} wide")
+        # One gather from the map (rows of every example, in order) and one scatter into the padded batch.
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        src = torch.from_numpy(self._rows[np.repeat(lo, n) + within]) if len(within) else torch.zeros(0, self.hidden)
+        if self.dtype == "bf16":
+            src = src.view(torch.bfloat16)
+        out = torch.zeros(len(idx) * width, self.hidden, dtype=DTYPES[self.dtype])
+        out.index_copy_(0, torch.from_numpy(np.repeat(np.arange(len(idx), dtype=np.int64) * width, n) + within), src)
         self.reads += 1
-        return out.to(device=device, dtype=self.out_dtype, non_blocking=True), lengths
+        return out.view(len(idx), width, self.hidden).to(device=device, dtype=self.out_dtype, non_blocking=True), n.tolist()
 
     def _wrap(self, h: torch.Tensor):
         return (h,) + (None,) * (self.out_tuple - 1) if self.out_tuple else h

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from ..config import TrainConfig
 from ..methods import Method, Plan
 from .meter import PeakMemory, SavedTensorMeter, grad_bytes, param_bytes
-from .optim import ActiveOptimizer
+from .optim import ActiveOptimizer, fused_supported
 
 
 @dataclass
@@ -171,6 +171,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
             state_policy=getattr(method, "optimizer_state", None) or cfg.optimizer_state,
+            fused=getattr(cfg, "fused_optimizer", False) and fused_supported(self.device) and not getattr(cfg, "fsdp", False),
         )
         self.scheduler = get_scheduler(
             {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule],

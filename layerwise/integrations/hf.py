@@ -40,7 +40,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..anatomy import UnsupportedModelError, find_anatomy
-from ..engine.optim import ActiveOptimizer
+from ..engine.optim import ActiveOptimizer, fused_supported
 from ..errors import ConfigError, ModelError
 from ..methods import Plan, create_method, method_config
 
@@ -112,8 +112,12 @@ class LayerwiseCallback(TrainerCallback):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.plan: Plan = self.method.plan(0)
+        # TrainingArguments.optim="adamw_torch_fused" (transformers' default) -> torch's fused kernel, as the Trainer would.
+        device = next(iter(self.model.parameters())).device
+        fused = args is not None and "fused" in str(getattr(args, "optim", "")).lower() and fused_supported(device)
         self.active = ActiveOptimizer(
-            self.method.parameters(self.plan), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, state_policy=optimizer_state
+            self.method.parameters(self.plan), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, state_policy=optimizer_state,
+            fused=fused,
         )
         self.optimizer: torch.optim.Optimizer = self.active.optimizer
         self.switches = 0
