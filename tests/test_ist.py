@@ -102,6 +102,42 @@ def test_unselected_layers_keep_optimizer_state_bitwise():
     assert trainer.optimizer.stashed_bytes() == 0
 
 
+def test_adapter_lr_scale_multiplies_only_the_adapters_step():
+    # First AdamW step from the same weights: the update is -lr * (wd * p + m_hat / (sqrt(v_hat) + eps)),
+    # linear in lr. With adapter_lr_scale=3 the selected layer's adapters move 3x as far; the head's
+    # update is bitwise the one at scale 1. Groups follow the scale through the lr schedule.
+    deltas = {}
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = tiny_bert(layers=4)
+        trainer = make_trainer(model, batch_for(model), probe_every=0, adapter_lr_scale=scale)
+        method = trainer.method
+        force(method, 2)
+        params = dict(trainer.model.named_parameters())
+        before = {n: p.detach().clone() for n, p in params.items()}
+        trainer.train_step()
+        deltas[scale] = {n: params[n].detach() - before[n] for n in params}
+        lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+        adapters = {id(p) for p in layer_params(method)[2]}
+        head = [p for p in method.anatomy.head_parameters() if p.requires_grad]
+        assert adapters <= set(lrs) and head
+        base = trainer.optimizer.param_groups[0]["lr"]
+        assert all(lrs[i] == pytest.approx(scale * base) for i in adapters)
+        assert all(lrs[id(p)] == pytest.approx(base) for p in head)
+        names = {id(p): n for n, p in params.items()}
+        adapter_names, head_names = [names[i] for i in adapters], [names[id(p)] for p in head]
+    moved = 0
+    for n in adapter_names:
+        d1, d3 = deltas[1.0][n], deltas[3.0][n]
+        moved += bool(d1.abs().max() > 0)
+        assert torch.allclose(d3, 3 * d1, rtol=1e-3, atol=1e-7), n
+    assert moved > 0
+    for n in head_names:
+        assert torch.equal(deltas[3.0][n], deltas[1.0][n]), n
+    with pytest.raises(ConfigError, match="adapter_lr_scale"):
+        method_config({"name": "ist", "adapter_lr_scale": 0})
+
+
 def test_score_update_matches_hand_computation():
     method, _ = make_ist(tiny_bert(layers=4))
     # rewards exp(-loss) = 0.5, 0.25, 0.75 -> mean 0.5, advantages 0, -0.25, +0.25; p = 0.5, p(1-p) = 0.25

@@ -26,8 +26,10 @@ STEPS = 8
 METHODS = {
     "lift": ["--method", "lift", "--set", "method.switch_every=2", "--set", "method.k=1"],
     "lisa": ["--method", "lisa", "--set", "method.switch_every=2", "--set", "method.k=2"],
-    # dropout > 0 draws from the RNG every step; probes every 2 steps move the scores and the probe stream.
-    "ist": ["--method", "ist", "--set", "method.probe_every=2", "--set", "method.importance_batch_size=4", "--set", "method.heatmap=false"],
+    # dropout > 0 draws from the RNG every step; probes every 2 steps move the scores and the probe stream;
+    # adapter_lr_scale puts the adapters in their own optimizer groups (lr and schedule restored from the checkpoint).
+    "ist": ["--method", "ist", "--set", "method.probe_every=2", "--set", "method.importance_batch_size=4", "--set", "method.heatmap=false",
+            "--set", "method.adapter_lr_scale=3"],
     "salf": ["--method", "salf", "--set", "method.samples=16"],
     # train.frozen_dtype=bf16: the checkpoint holds each frozen block's master (bf16 value, or the exact
     # float32 copy kept in memory or on disk) and a resume re-applies the saved plan's dtypes.

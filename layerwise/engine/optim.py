@@ -9,7 +9,8 @@ weight decay, and their ``.grad`` is set to ``None``.
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -37,12 +38,24 @@ class ActiveOptimizer:
         eps: float = 1e-8,
         state_policy: str = "reset",
         fused: bool = False,
+        lr_scale: Callable[[nn.Parameter], float] | None = None,
+        scales: Iterable[float] = (),
     ):
         if state_policy not in ("reset", "keep", "retain"):
             raise ValueError(f"optimizer_state must be 'reset', 'keep' or 'retain', got {state_policy!r}")
         self.state_policy = state_policy
+        # Two groups (decayed, not decayed) per lr multiplier; the first two are the plain lr, so
+        # param_groups[0]["lr"] is train.lr's schedule. A scheduler scales every group alike.
+        self.scales = [1.0] + sorted({float(x) for x in scales} - {1.0})
+        for x in self.scales:
+            if not (x > 0 and math.isfinite(x)):
+                raise ValueError(f"lr scales must be finite and > 0, got {x}")
+        self._lr_scale = lr_scale
+        groups = []
+        for x in self.scales:
+            groups += [{"params": [], "weight_decay": weight_decay, "lr": lr * x}, {"params": [], "weight_decay": 0.0, "lr": lr * x}]
         self.optimizer = torch.optim.AdamW(
-            [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}],
+            groups,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -82,8 +95,14 @@ class ActiveOptimizer:
             if p in self._stash:
                 saved = self._stash.pop(p)
                 self.optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in saved.items()}
-        self.optimizer.param_groups[0]["params"] = [p for p in new if _is_decayed(p)]
-        self.optimizer.param_groups[1]["params"] = [p for p in new if not _is_decayed(p)]
+        slot = {x: 2 * i for i, x in enumerate(self.scales)}
+        for g in self.optimizer.param_groups:
+            g["params"] = []
+        for p in new:
+            x = float(self._lr_scale(p)) if self._lr_scale is not None else 1.0
+            if x not in slot:
+                raise ValueError(f"lr scale {x} of a parameter was not declared (declared: {self.scales})")
+            self.optimizer.param_groups[slot[x] + (0 if _is_decayed(p) else 1)]["params"].append(p)
         self.active = new
 
     def step(self) -> None:

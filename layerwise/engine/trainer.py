@@ -172,6 +172,8 @@ class Trainer:
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
             state_policy=getattr(method, "optimizer_state", None) or cfg.optimizer_state,
             fused=getattr(cfg, "fused_optimizer", False) and fused_supported(self.device) and not getattr(cfg, "fsdp", False),
+            lr_scale=method.lr_scale,
+            scales=method.lr_scales(),
         )
         self.scheduler = get_scheduler(
             {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule],

@@ -117,7 +117,7 @@ class LayerwiseCallback(TrainerCallback):
         fused = args is not None and "fused" in str(getattr(args, "optim", "")).lower() and fused_supported(device)
         self.active = ActiveOptimizer(
             self.method.parameters(self.plan), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, state_policy=optimizer_state,
-            fused=fused,
+            fused=fused, lr_scale=self.method.lr_scale, scales=self.method.lr_scales(),
         )
         self.optimizer: torch.optim.Optimizer = self.active.optimizer
         self.switches = 0

@@ -117,6 +117,14 @@ class Method:
     def num_blocks(self) -> int:
         return self.anatomy.num_blocks
 
+    def lr_scale(self, p: nn.Parameter) -> float:
+        """Multiplier on ``train.lr`` for trainable parameter ``p`` (one of :meth:`lr_scales`)."""
+        return 1.0
+
+    def lr_scales(self) -> tuple[float, ...]:
+        """Every value :meth:`lr_scale` can return (the optimizer makes a group for each)."""
+        return (1.0,)
+
     def parameters(self, plan: Plan) -> list[nn.Parameter]:
         """The parameters that train under ``plan`` (deduplicated, in model order)."""
         chosen: list[nn.Parameter] = []

@@ -85,6 +85,11 @@ class IstConfig:
     """Optimizer state of layers not selected in a step: retain = stays where it is, untouched (one
     optimizer over all adapter parameters, as the official code); keep = stashed off the device until
     the layer is selected again; reset = dropped. Overrides train.optimizer_state for this method."""
+    adapter_lr_scale: float = 1.0
+    """Multiplier on train.lr for the layers' adapter parameters; the head that peft trains keeps
+    train.lr. A layer's adapters train in about update_layers/L of the steps, so under Adam they move
+    about that fraction as far as LoRA's at the same lr; L/update_layers restores the expected
+    movement without raising the head's lr (which trains every step). 1 = the official code."""
     heatmap: bool = True
     """Write ``importance.png`` (score per layer x step) into the run folder."""
 
@@ -98,6 +103,8 @@ class IstConfig:
                 raise ConfigError(f"method.{key} must be at least 1 (or null for the default), got {v}")
         if self.probe_every < 0:
             raise ConfigError(f"method.probe_every must be 0 (off) or more, got {self.probe_every}")
+        if not (self.adapter_lr_scale > 0 and math.isfinite(self.adapter_lr_scale)):
+            raise ConfigError(f"method.adapter_lr_scale must be a finite number > 0, got {self.adapter_lr_scale}")
         if self.suppress_scale < 0 or not math.isfinite(self.suppress_scale):
             raise ConfigError(f"method.suppress_scale must be a finite number >= 0, got {self.suppress_scale}")
         if not 0.0 <= self.dropout < 1.0:
@@ -191,6 +198,7 @@ class Ist(Method):
         if len(self.scores) != L:
             self.scores = torch.zeros(L, dtype=torch.float64)
         self.layers, self._layer_params, self._layer_modules = layers, params, modules
+        self._layer_param_ids = {id(p) for ps in params for p in ps}
         self._setup_for = self.anatomy
 
     @property
@@ -209,6 +217,14 @@ class Ist(Method):
     def attach(self, trainer) -> None:
         super().attach(trainer)
         self.model = trainer.model
+
+    def lr_scale(self, p) -> float:
+        """``adapter_lr_scale`` for the layers' adapter parameters, 1 for the rest (the head)."""
+        self._setup()
+        return float(self.config.adapter_lr_scale) if id(p) in self._layer_param_ids else 1.0
+
+    def lr_scales(self) -> tuple[float, ...]:
+        return (1.0, float(self.config.adapter_lr_scale))
 
     def set_probe_batches(self, batches: Iterable[dict]) -> None:
         """Use these batches for the importance loop instead of the run's data (tests, custom loops)."""
