@@ -61,6 +61,10 @@ def test_trainer_with_lift_changes_only_the_scheduled_blocks(tmp_path):
     assert owned == set(groups["block.2"]) | set(groups["head"])
     assert {n for n, p in model.named_parameters() if p.requires_grad} == owned
     assert cb.optimizer.param_groups[0]["lr"] < 1e-2  # linear decay from args.learning_rate
+    # TrainingArguments.optim: transformers' default (adamw_torch_fused) gets torch's fused kernel, adamw_torch does not.
+    assert "fused" in str(args.optim).lower() and cb.active.fused and cb.optimizer.param_groups[0]["fused"]
+    plain = LayerwiseCallback(tiny_bert(), "lift", args=training_args(tmp_path, optim="adamw_torch"), k=1)
+    assert not plain.active.fused and not plain.optimizer.param_groups[0]["fused"]
 
 
 def test_trainer_refuses_its_own_optimizer_and_engine_only_methods(tmp_path):
