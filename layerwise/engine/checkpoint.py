@@ -417,11 +417,11 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
     for (kind, name), values in per_param.items():
         p = param(name)
         if kind == "state":
-            # AdamW keeps `step` on the CPU unless capturable/fused; moments live with the parameter.
-            opt.optimizer.state[p] = {
-                k: (v.to(p.device) if k == "step" and opt.fused else _like(p, v.to(p.device)) if torch.is_tensor(v) and k != "step" else v)
-                for k, v in values.items()
-            }
+            # Moments live with the parameter; AdamW keeps `step` on the CPU unless fused (then with the parameter).
+            entry = {k: (_like(p, v.to(p.device)) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
+            if opt.fused and torch.is_tensor(entry.get("step")):
+                entry["step"] = entry["step"].to(p.device)
+            opt.optimizer.state[p] = entry
         else:
             opt._stash[p] = {k: (_like(p, v) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
     for group, saved in zip(opt.param_groups, opt_meta["param_groups"]):

@@ -61,10 +61,14 @@ class ActiveOptimizer:
             eps=eps,
             fused=fused or None,
         )
-        self.fused = bool(fused)
         self._stash: dict[nn.Parameter, dict] = {}
         self.active: list[nn.Parameter] = []
         self.set_active(params)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the step runs torch's fused AdamW kernel."""
+        return bool(self.optimizer.defaults.get("fused"))
 
     @property
     def param_groups(self):

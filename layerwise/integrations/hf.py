@@ -113,7 +113,7 @@ class LayerwiseCallback(TrainerCallback):
             p.requires_grad_(False)
         self.plan: Plan = self.method.plan(0)
         # TrainingArguments.optim="adamw_torch_fused" (transformers' default) -> torch's fused kernel, as the Trainer would.
-        device = next(iter(self.model.parameters())).device
+        device = next(self.model.parameters()).device
         fused = args is not None and "fused" in str(getattr(args, "optim", "")).lower() and fused_supported(device)
         self.active = ActiveOptimizer(
             self.method.parameters(self.plan), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, state_policy=optimizer_state,
