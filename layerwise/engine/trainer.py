@@ -171,7 +171,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
             state_policy=getattr(method, "optimizer_state", None) or cfg.optimizer_state,
-            fused=getattr(cfg, "fused_optimizer", False) and fused_supported(self.device) and not getattr(cfg, "fsdp", False),
+            fused=cfg.fused_optimizer and fused_supported(self.device) and not cfg.fsdp,
             lr_scale=method.lr_scale,
             scales=method.lr_scales(),
         )
