@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import statistics
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import torch
 from .errors import ConfigError, ResourceError
 
 MiB = 2**20
+#: Overrides the CPU bf16 detection: ``1`` (has bf16 matrix units) or ``0`` (has not).
+CPU_BF16_ENV = "LAYERWISE_CPU_BF16"
 
 
 def _fmt(n: float) -> str:
@@ -205,3 +209,58 @@ def check_resources(est: Estimate, cfg, device: torch.device, output: Path, *, l
                 f"free disk space, pass another --output, lower train.keep_last, or set train.save_model=false; "
                 f"or train.disk_check=false to try anyway"
             )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    Without those units (AVX2-only CPUs) a bf16 matrix product falls back to a scalar path that is
+    tens of times slower than float32. oneDNN honours ``ONEDNN_MAX_CPU_ISA``, so
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` makes an AMX machine answer as an AVX2 one;
+    ``LAYERWISE_CPU_BF16=0|1`` overrides the answer.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_ENV}='{forced}': use 1 (the CPU has bf16 units) or 0 (it has not), or unset it")
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: no fast bf16 path either
+        return False
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix products run at hardware speed on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def bf16_slowdown(n: int = 256, reps: int = 3) -> float:
+    """How many times slower an ``n``^3 bf16 matrix product runs than a float32 one here (medians)."""
+    seconds = {}
+    gen = torch.Generator().manual_seed(0)  # leaves the global stream (the run's seed) untouched
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.rand(n, n, generator=gen).to(dtype) for _ in range(2))
+        a @ b  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        seconds[dtype] = statistics.median(times)
+    return seconds[torch.bfloat16] / max(seconds[torch.float32], 1e-9)
+
+
+def warn_slow_bf16(tcfg, device: torch.device, log) -> None:
+    """train.bf16 / train.frozen_dtype=bf16 on a CPU without bf16 units: say what it costs, measured here."""
+    wants = [k for k, on in (("train.bf16=true", tcfg.bf16), ("train.frozen_dtype=bf16", tcfg.frozen_dtype == "bf16")) if on]
+    if not wants or device.type != "cpu" or cpu_has_bf16():
+        return
+    log(
+        f"warning: {' and '.join(wants)} on a CPU without bf16 matrix units "
+        f"(torch sees {torch.backends.cpu.get_cpu_capability()}): a bf16 matrix product runs "
+        f"{bf16_slowdown():.0f}x slower than float32 here, so this run will be slower, not faster; "
+        f"use float32 (train.bf16=false, train.frozen_dtype=fp32), or set {CPU_BF16_ENV}=1 if this CPU does have them"
+    )

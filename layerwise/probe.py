@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
+from scipy.optimize import least_squares
 from torch import nn
 
 from .anatomy import Anatomy, _unwrap
@@ -190,11 +192,9 @@ def _probe_deviation(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int, 
 def fit_power_law(dev: list[float]) -> dict:
     """Least-squares fit of ``D(s) = c + a (s + s0)^(-alpha)`` to ``dev[s]``, ``s = 0..L``.
 
-    A grid over (alpha, s0) with (a, c) solved in closed form (``a`` clipped at 0), refined by
-    ``scipy.optimize.least_squares`` within the bounds when scipy is installed.
+    A grid over (alpha, s0) with (a, c) solved in closed form (``a`` clipped at 0) gives the start of
+    ``scipy.optimize.least_squares`` within bounds; the better of the two is kept.
     """
-    import numpy as np
-
     d = np.asarray(dev, dtype=float)
     s = np.arange(len(d), dtype=float)
     L = len(d) - 1
@@ -215,21 +215,16 @@ def fit_power_law(dev: list[float]) -> dict:
             if best is None or sse < best[0]:
                 best = (sse, a, float(alpha), float(s0), c)
     _, a, alpha, s0, c = best
-    try:
-        from scipy.optimize import least_squares
+    scale = max(float(np.ptp(d)), 1e-12)
 
-        scale = max(float(np.ptp(d)), 1e-12)
+    def resid(p):
+        return (p[3] + p[0] * (s + p[2]) ** (-p[1]) - d) / scale
 
-        def resid(p):
-            return (p[3] + p[0] * (s + p[2]) ** (-p[1]) - d) / scale
-
-        lo, hi = [0.0, 1e-3, 1e-2, -np.inf], [np.inf, 20.0, 10.0 * max(L, 1), np.inf]
-        p0 = [min(max(a, 1e-9), 1e12), min(max(alpha, 2e-3), 19.9), min(max(s0, 2e-2), 9.9 * max(L, 1)), c]
-        r = least_squares(resid, p0, bounds=(lo, hi))
-        if r.success and float(((r.fun * scale) ** 2).sum()) < best[0]:
-            a, alpha, s0, c = (float(v) for v in r.x)
-    except ImportError:
-        pass
+    lo, hi = [0.0, 1e-3, 1e-2, -np.inf], [np.inf, 20.0, 10.0 * max(L, 1), np.inf]
+    p0 = [min(max(a, 1e-9), 1e12), min(max(alpha, 2e-3), 19.9), min(max(s0, 2e-2), 9.9 * max(L, 1)), c]
+    r = least_squares(resid, p0, bounds=(lo, hi))
+    if r.success and float(((r.fun * scale) ** 2).sum()) < best[0]:
+        a, alpha, s0, c = (float(v) for v in r.x)
     fitted = c + a * (s + s0) ** (-alpha)
     ss_res = float(((fitted - d) ** 2).sum())
     ss_tot = float(((d - d.mean()) ** 2).sum())

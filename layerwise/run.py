@@ -32,7 +32,7 @@ from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
 from .engine.trainer import BatchStream
 from .errors import ConfigError, ModelError
-from .guards import check_length, check_resources, estimate
+from .guards import check_length, check_resources, estimate, warn_slow_bf16
 from .methods import create_method
 from .methods.base import RunContext
 from .models import default_task_for, load_model_and_tokenizer, resolve_model_path
@@ -149,6 +149,7 @@ class Run:
         self.rank = self.dist[0] if self.dist else 0
         if self.rank:
             self.log = log = lambda *a, **k: None
+        warn_slow_bf16(cfg.train, self.device, log)
         if self.dist and cfg.output is None:
             raise ConfigError("a distributed run needs --output (every process must agree on the run folder)")
         if cfg.train.fsdp:

@@ -33,7 +33,10 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
+from .guards import CPU_BF16_ENV, bf16_supported
 
 #: (label, method settings); lift's switch_every and lisa's follow the step budget (one pass of the schedule).
 SUITE_METHODS = (
@@ -100,7 +103,6 @@ def tiny_config(family: str, layers: int, hidden: int = 64, vocab: int = 30522, 
 
 def build_tiny(spec: str, folder: Path) -> str:
     """``tiny-bert`` / ``tiny-llama`` (4 blocks, hidden 64, MiniLM's tokenizer) saved under ``folder``."""
-    import torch
     from transformers import AutoTokenizer, BertForSequenceClassification, LlamaForCausalLM
 
     from .models import resolve_model_path
@@ -158,7 +160,6 @@ class PhaseClock:
     snapshot is taken. Elsewhere the host clock (``perf_counter``) is exact."""
 
     def __init__(self, trainer):
-        import torch
 
         self.cuda = getattr(trainer, "device", None) is not None and trainer.device.type == "cuda"
         if self.cuda:
@@ -212,7 +213,6 @@ class PhaseClock:
 
     def snapshot(self) -> dict:
         if self._pending:
-            import torch
 
             torch.cuda.synchronize()
             for phase, start, end in self._pending:
@@ -234,7 +234,6 @@ def _cuda_event(torch):
 def matrix_rate(device: str, precision: str, n: int = 2048, reps: int = 5) -> dict:
     """The device's measured matrix rate: FLOP/s of an ``n`` x ``n`` GEMM (median of ``reps``), in the
     dtype the precision's matrix products run in (bf16 under bf16 autocast)."""
-    import torch
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -321,7 +320,6 @@ def _evaluate(trainer, eval_loader, run) -> dict:
 
 def run_worker(spec: dict) -> dict:
     """One method on one model at one precision (see the module docstring); writes ``spec['result']``."""
-    import torch
     from transformers.utils import logging as hf_logging
 
     from .costmodel import predicted_speedup
@@ -434,7 +432,6 @@ def run_worker(spec: dict) -> dict:
 
 def run_scaling(spec: dict) -> None:
     """Step time and training memory of one method over the depth, length and batch axes."""
-    import torch
 
     from .anatomy import find_anatomy
     from .engine import Trainer
@@ -496,7 +493,6 @@ def fit(rows: list[dict]) -> dict:
 
 
 def _machine() -> dict:
-    import torch
 
     cpu = platform.processor() or ""
     try:
@@ -593,6 +589,15 @@ def run_suite(args) -> dict:
         raise ConfigError(f"--precisions: choose from {', '.join(PRECISIONS)}")
     labels = _labels(args.methods)
     device = _suite_device(getattr(args, "device", None))
+    skipped = {}
+    if "bf16" in precisions and not bf16_supported(torch.device(device)):
+        # A bf16 GEMM without bf16 units runs tens of times slower than fp32: such a row measures the fallback, not the method.
+        precisions.remove("bf16")
+        skipped["bf16"] = (f"skipped: this CPU has no bf16 matrix units (torch sees {torch.backends.cpu.get_cpu_capability()}; "
+                           f"{CPU_BF16_ENV}=1 overrides)")
+        print(f"bf16 {skipped['bf16']}", flush=True)
+    if not precisions:
+        raise ConfigError("--precisions bf16: this CPU has no bf16 matrix units, so there is nothing to measure; add fp32")
     _preload()
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("specs", "results", "logs", "work", "models"):
@@ -600,7 +605,7 @@ def run_suite(args) -> dict:
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     command = "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "layerwise bench --suite paper"
     report = {"command": command, "quick": bool(args.quick), "machine": {**_machine(), "device": device}, "methods": [l for l, _ in labels],
-              "precisions": precisions, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
+              "precisions": precisions, "skipped_precisions": skipped, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
     t_start = time.perf_counter()
     for model in models:
         path = model
@@ -685,7 +690,6 @@ def run_suite(args) -> dict:
 
 def _suite_device(name: str | None) -> str:
     """cpu or cuda; by default cuda when torch sees one (the driver does not initialize CUDA: workers are forked)."""
-    import torch
 
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -697,7 +701,6 @@ def _suite_device(name: str | None) -> str:
 
 
 def _write_matrix_rate(path: Path, device: str, precision: str, threads: int) -> None:
-    import torch
 
     torch.set_num_threads(threads)
     path.write_text(json.dumps(matrix_rate(device, precision), indent=2))

@@ -162,6 +162,8 @@ def render(report: dict, out: Path) -> str:
         f"Under {report['threshold_percent_of_ideal']:.0f}%, the table below it names the measured overhead.",
         "",
     ]
+    for prec, why in report.get("skipped_precisions", {}).items():
+        lines += [f"**{PRECISION_NAMES[prec]}**: {why}.", ""]
     for model, entry in report["models"].items():
         lines += _model_section(model, entry, report, out, CAUSES)
     if report.get("scaling"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from layerwise.cli import main
+from layerwise.errors import ConfigError
+from layerwise.guards import CPU_BF16_ENV, cpu_has_bf16
 
 
 def train(*args) -> int:
@@ -50,6 +53,38 @@ def test_train_writes_run_folder(tiny_bert_dir, cls_jsonl, tmp_path):
     for i in range(4):
         key = f"bert.encoder.layer.{i}.attention.self.query.weight"
         assert not torch.equal(trained.state_dict()[key], original.state_dict()[key])
+
+
+@pytest.mark.parametrize("units", ["0", "1"])
+def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_measured_slowdown(tiny_llama_dir, lm_jsonl, tmp_path, capsys,
+                                                                            monkeypatch, units):
+    monkeypatch.setenv(CPU_BF16_ENV, units)
+    out = tmp_path / "run"
+    assert train(*common(tiny_llama_dir, lm_jsonl, out, steps=2), "--method", "lift", "--set", "train.bf16=true",
+                 "--set", "train.frozen_dtype=bf16", "--set", "train.save_model=false") == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    if units == "1":
+        assert warned == []
+    else:
+        # One line: both settings, the measured slowdown and the fix; the run still trains.
+        assert len(warned) == 1 and "train.bf16=true and train.frozen_dtype=bf16" in warned[0], warned
+        assert re.search(r"runs \d+x slower than float32 here", warned[0]) and "train.bf16=false" in warned[0]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_cpu_bf16_detection_follows_onednn_and_the_override(monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    assert cpu_has_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for value, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv(CPU_BF16_ENV, value)
+        assert cpu_has_bf16() is expected
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="use 1 .* or 0"):
+        cpu_has_bf16()
+    # Without bf16 units oneDNN answers no, however modern the CPU (ONEDNN_MAX_CPU_ISA caps what it may use).
+    code = "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_causal_lm_lora_saves_merged_model(tiny_llama_dir, lm_jsonl, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,30 @@ def test_fit_gain_and_cut_on_a_known_curve():
     assert rec["net_gain"][k] == max(rec["net_gain"]) and 0 < k < L
     # A flat curve gives no reason to freeze anything.
     assert recommend(fit_power_law([1.0] * (L + 1))["values"])["k_star"] == 0
+
+
+#: (c, a, s0, alpha, L): shallow and deep stacks, slow and fast decay.
+KNOWN_CURVES = [(0.1, 2.0, 1.0, 1.5, 8), (0.05, 1.0, 2.0, 0.8, 30), (0.3, 0.5, 0.5, 2.5, 12), (0.0, 3.0, 4.0, 1.0, 24),
+                (0.2, 1.5, 1.5, 1.2, 6)]
+
+
+@pytest.mark.parametrize("c, a, s0, alpha, L", KNOWN_CURVES)
+def test_fit_recovers_known_parameters_from_noisy_curves(c, a, s0, alpha, L):
+    s = np.arange(L + 1.0)
+    clean = c + a * (s + s0) ** -alpha
+    span = float(np.ptp(clean))
+    exact = fit_power_law(clean.tolist())
+    for key, true in (("c", c), ("a", a), ("s0", s0), ("alpha", alpha)):
+        assert exact[key] == pytest.approx(true, rel=1e-4, abs=1e-6), key
+    rng = np.random.default_rng(L)
+    for trial in range(5):
+        # Noise of 0.1% of the curve's range: each parameter close; 0.5%: the parameters trade off
+        # against each other (a, s0 and alpha are nearly collinear) but the fitted curve stays close.
+        fit = fit_power_law((clean + rng.normal(0, 1e-3 * span, L + 1)).tolist())
+        assert fit["alpha"] == pytest.approx(alpha, rel=0.2) and fit["s0"] == pytest.approx(s0, rel=0.3)
+        assert abs(fit["c"] - c) < 0.02 * span and np.abs(np.array(fit["values"]) - clean).max() < 0.005 * span
+        fit = fit_power_law((clean + rng.normal(0, 5e-3 * span, L + 1)).tolist())
+        assert np.abs(np.array(fit["values"]) - clean).max() < 0.02 * span
 
 
 def test_cut_respects_budget():

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from layerwise.cli import main
+from layerwise.guards import CPU_BF16_ENV, cpu_has_bf16
 
 METHODS = ["full", "lift_top_down", "salf", "ist", "meft"]
+#: The suite's bf16 half runs only where the CPU has bf16 matrix units (the subprocess sees the same answer).
+PRECISIONS = {"fp32": "fp32", "bf16": "bf16 autocast"} if cpu_has_bf16() else {"fp32": "fp32"}
 
 
 def tables(md: str) -> dict[str, list[dict]]:
@@ -59,7 +62,10 @@ def test_report_structure_charts_and_json(suite):
     assert set(data) >= {"command", "machine", "methods", "precisions", "models", "scaling", "wall_seconds"}
     assert data["command"].startswith("layerwise bench --suite paper --quick")
     entry = data["models"]["tiny-llama"]
-    assert set(entry["runs"]) == {"fp32", "bf16"} and set(entry["profiles"]) == {"fp32", "bf16"}
+    assert set(entry["runs"]) == set(PRECISIONS) and set(entry["profiles"]) == set(PRECISIONS)
+    if "bf16" not in PRECISIONS:
+        assert data["skipped_precisions"]["bf16"].startswith("skipped: this CPU has no bf16 matrix units")
+        assert f"**bf16 autocast**: {data['skipped_precisions']['bf16']}." in md and "### Equal batch, bf16" not in md
     for prec, runs in entry["runs"].items():
         assert list(runs) == METHODS
         for label, run in runs.items():
@@ -80,7 +86,7 @@ def test_report_structure_charts_and_json(suite):
     for name in ("full", "lift", "lora", "meft"):
         sc = data["scaling"]["methods"][name]
         assert set(sc) >= {"depth", "seq_len", "batch", "command"}
-    for heading in ("## tiny-llama on boolq", "### Equal batch, fp32", "### Equal batch, bf16 autocast", "Where the time goes",
+    for heading in ("## tiny-llama on boolq", *(f"### Equal batch, {title}" for title in PRECISIONS.values()), "Where the time goes",
                     "### Throughput at equal memory, fp32", "### Quality after", "## Scaling"):
         assert heading in md, heading
     charts = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -95,7 +101,7 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
     t = tables(md)
     entry = data["models"]["tiny-llama"]
     checked = 0
-    for prec, title in (("fp32", "fp32"), ("bf16", "bf16 autocast")):
+    for prec, title in PRECISIONS.items():
         runs = entry["runs"][prec]
         full = runs["full"]["equal_batch"]
         rows = {r["method"]: r for r in t[f"Equal batch, {title}"]}
@@ -208,4 +214,13 @@ def test_suite_bad_arguments_one_line(tmp_path, capsys, args, needle):
     assert main(["bench", *args, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_bf16_only_suite_refused_without_bf16_units(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    out = tmp_path / "r"
+    assert main(["bench", "--suite", "paper", "--quick", "--precisions", "bf16", "--device", "cpu", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bf16 matrix units" in err[0] and "add fp32" in err[0], err
     assert not out.exists()
