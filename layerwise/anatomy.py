@@ -206,7 +206,7 @@ class Anatomy:
             raise BlockIndexError(f"invalid block index {i!r}: valid block indices are 0..{L - 1} ({L} blocks)")
 
     def _root(self) -> nn.Module:
-        return _unwrap(self.model)
+        return unwrap_model(self.model)
 
     def _current_blocks(self) -> list[nn.Module]:
         # Blocks are never replaced by adapters, but look them up anyway so the lists stay in step.
@@ -246,7 +246,7 @@ def find_anatomy(model: nn.Module, blocks: str | None = None) -> Anatomy:
         UnsupportedModelError: the blocks cannot be found (and ``blocks`` was not given).
         ValueError: ``blocks`` does not name a non-empty ModuleList/Sequential of the model.
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     if blocks is not None:
         blocks_path = _resolve_override(root, blocks)
         parts = _generic_parts(root, blocks_path)
@@ -270,7 +270,7 @@ def find_anatomy(model: nn.Module, blocks: str | None = None) -> Anatomy:
 
 
 # --------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside peft wrappers and ``torch.compile``."""
     for _ in range(8):
         if type(model).__module__.startswith("peft"):

@@ -1,4 +1,5 @@
-"""``layerwise`` command line: ``train``, ``bench`` and ``probe``.
+"""``layerwise`` command line: ``train``, ``bench``, ``probe``, ``plan`` and ``measure`` (one measurement of
+the benchmarks alone), and the glue that turns each command's arguments into a run.
 
 Bad input exits with status 2 and one line on stderr that names the problem and the fix.
 """
@@ -6,19 +7,41 @@ Bad input exits with status 2 and one line on stderr that names the problem and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
-# No hub access unless the user explicitly turns it back on.
+# No hub access unless the user explicitly turns it back on; set before the hub libraries are imported (they read it then).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from layerwise.config import resolve  # noqa: E402
+from layerwise.data import make_loader  # noqa: E402
+from layerwise.engine import resolve_device  # noqa: E402
+from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
+from layerwise.measure import meft as meft_reports  # noqa: E402
+from layerwise.measure.bench import run_bench  # noqa: E402
+from layerwise.measure.memory import plan_command  # noqa: E402
+from layerwise.measure.profile import profile_methods  # noqa: E402
+from layerwise.measure.suite import run_scaling, run_suite, run_worker  # noqa: E402
+from layerwise.methods import METHODS, load_plugins  # noqa: E402
+from layerwise.methods.salf.probe import check_budget, format_table, run_probe, sample_batches, write_outputs  # noqa: E402
+from layerwise.run import TrainingStopped, check_output, load_inputs, train  # noqa: E402
+from layerwise.schema import load_yaml, parse_override, set_path  # noqa: E402
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with a method and report what it cost")
     p.add_argument("config", nargs="?", help="YAML config (optional: defaults train LIFT on the packaged MiniLM + Rotten Tomatoes)")
-    p.add_argument("--method", help="full, freeze, lift, lisa, lora")
+    p.add_argument("--method", help=", ".join(sorted(METHODS)))
     p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
     p.add_argument("--data", help="local .jsonl/.csv/.parquet file, saved datasets folder, or packaged name (rotten_tomatoes, boolq)")
     p.add_argument("--max-steps", type=int)
@@ -68,7 +91,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--memory", required=True, help="memory budget, e.g. 8GiB, 16GB, 512MiB")
     p.add_argument("--seq-len", type=int, help="tokens per example (default: data.max_length)")
-    p.add_argument("--methods", help="comma-separated methods (default: full,freeze,lift,lisa,lora,meft,ist,salf)")
+    p.add_argument("--methods", help="comma-separated methods (default: every method)")
     p.add_argument("--batch-size", type=int, help="batch for the per-component table (default: train.batch_size)")
     p.add_argument("--output", default="plan.json", help="plan.json path, or a folder for it (default ./plan.json)")
     p.add_argument("--no-speed", action="store_true", help="skip the cost-model profile (no tokens/s prediction)")
@@ -76,9 +99,26 @@ def _plan_parser(sub) -> None:
                    help="override a config key (train.max_steps=100) or a method's (lift.switch_every=10)")
 
 
-def build_raw_config(args) -> dict:
-    from .config import load_yaml, parse_override, set_path
+def _measure_parser(sub) -> None:
+    p = sub.add_parser("measure", help="one measurement of the benchmarks alone (the command each result records)")
+    what = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    for name, help_ in (("worker", "one method of the suite from its SPEC.json"), ("scaling", "one method's scaling runs from SPEC.json")):
+        w = what.add_parser(name, help=help_)
+        w.add_argument("spec", metavar="SPEC.json")
+    prof = what.add_parser("profile", help="profile per-block cost once and predict each method (bench's cost model column)")
+    prof.add_argument("config", help="a bench folder's configs/METHOD.yaml (its siblings hold the other methods)")
+    prof.add_argument("--methods", required=True)
+    prof.add_argument("--steps", type=int, required=True)
+    prof.add_argument("--output", required=True)
+    meft = what.add_parser("meft", help="MEFT: reconstruction error by depth, gradient error, saved bytes (docs/meft.md)")
+    meft.add_argument("report", choices=["errors", "grads", "memory"])
+    meft.add_argument("model", nargs="?", default="minilm")
+    meft.add_argument("--batch", type=int, default=None)
+    meft.add_argument("--length", type=int, default=None)
+    meft.add_argument("--variants", default="1,2,3")
 
+
+def build_raw_config(args) -> dict:
     raw = load_yaml(args.config) if args.config else {}
     method = raw.get("method")
     if isinstance(method, str):
@@ -106,11 +146,6 @@ def build_raw_config(args) -> dict:
 
 
 def _resume_config(args) -> dict:
-    from pathlib import Path
-
-    from .config import load_yaml
-    from .errors import ConfigError
-
     given = [flag for flag, v in (("config", args.config), ("--method", args.method), ("--model", args.model), ("--data", args.data),
                                   ("--max-steps", args.max_steps), ("--output", args.output), ("--set", args.overrides)) if v]
     if given:
@@ -124,9 +159,6 @@ def _resume_config(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .config import resolve
-    from .run import TrainingStopped, train
-
     cfg, mcfg = resolve(_resume_config(args) if args.resume else build_raw_config(args))
     try:
         train(cfg, mcfg, resume=bool(args.resume), stop_at=args.stop_at)
@@ -138,14 +170,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
-    from .errors import ConfigError
-
     suite_only = [f for f, v in (("--quick", args.quick), ("--models", args.models), ("--precisions", args.precisions),
                                  ("--no-scaling", args.no_scaling), ("--device", args.device), ("--docs", args.docs)) if v]
     if args.suite:
-        from .suite import run_suite
-
         given = [f for f, v in (("config", args.config), ("--model", args.model), ("--data", args.data), ("--set", args.overrides)) if v]
         if given:
             raise ConfigError(f"--suite runs its own models, data and settings: drop {', '.join(given)} (use --models, --methods, --precisions, --quick)")
@@ -159,17 +186,32 @@ def cmd_bench(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .probe import probe_command
+    """``layerwise probe``: load model and data, run SALF's probe on a sample, write probe.json and probe.png."""
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples} probes nothing: use a positive count (e.g. 512)")
+    check_budget(args.budget, "--budget")
+    raw = build_raw_config(args)
+    raw.pop("output", None)
+    cfg, _ = resolve(raw)
+    out = Path(args.output)
+    check_output(out)
+    torch.manual_seed(cfg.train.seed)
+    task, splits, model, tokenizer, _info, anatomy = load_inputs(cfg)
+    model.to(resolve_device(cfg.train.device))
 
-    probe_command(build_raw_config(args), samples=args.samples, budget=args.budget, output=args.output)
+    def loader(epoch: int):
+        return make_loader(splits.train, tokenizer, cfg.data, batch_size=cfg.train.eval_batch_size, shuffle=True, seed=cfg.train.seed + epoch)
+
+    result = run_probe(model, anatomy, sample_batches(loader, args.samples), task, budget=args.budget, seed=cfg.train.seed)
+    result["model"] = cfg.model
+    result["data"] = cfg.data.source
+    print(format_table(result))
+    paths = write_outputs(result, out)
+    print(f"wrote {paths['json']} and {paths['png']}")
     return 0
 
 
 def cmd_plan(args) -> int:
-    from .config import parse_override, set_path
-    from .methods.registry import METHODS
-    from .plan import plan_command
-
     per_method: dict = {}
     rest = []
     for text in args.overrides:
@@ -184,6 +226,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_measure(args) -> int:
+    if args.what in ("worker", "scaling"):
+        spec = _read_json(args.spec)
+        (run_worker if args.what == "worker" else run_scaling)(spec)
+    elif args.what == "profile":
+        profile_methods(args.config, args.methods.split(","), args.steps, args.output)
+    else:
+        meft_reports.print_report(args)
+    return 0
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'{path}' is not a readable JSON spec ({exc}): pass a DIR/specs/NAME.json written by the suite") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other bad input (``--help`` still prints the full usage)."""
 
@@ -193,10 +253,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _crash_log(exc: BaseException) -> str:
     """Write the traceback of an unexpected error to a log file; return its path."""
-    import tempfile
-    import time
-    import traceback
-
     path = os.path.join(tempfile.gettempdir(), f"layerwise-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     try:
         with open(path, "w") as f:
@@ -208,24 +264,23 @@ def _crash_log(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_plugins()  # before the parser lists the methods
     parser = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _bench_parser(sub)
     _probe_parser(sub)
     _plan_parser(sub)
+    _measure_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, one line on stderr): a status, not an exception
         return exc.code if isinstance(exc.code, int) else 2
 
-    from transformers.utils import logging as hf_logging
-
-    from .errors import LayerwiseError
-
     hf_logging.set_verbosity_error()
+    commands = {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan, "measure": cmd_measure}
     try:
-        return {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan}[args.command](args)
+        return commands[args.command](args)
     except LayerwiseError as exc:
         # One line even when the message quotes user input with line breaks in it.
         print(f"layerwise: error: {' '.join(str(exc).split())}", file=sys.stderr)

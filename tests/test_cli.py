@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from layerwise.cli import main
 from layerwise.errors import ConfigError
-from layerwise.guards import CPU_BF16_ENV, cpu_has_bf16
+from layerwise.preflight import CPU_BF16_ENV, cpu_has_bf16
 
 
 def train(*args) -> int:
@@ -157,20 +157,20 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
 
 
 def test_bench_entry_can_carry_its_own_train_settings():
-    from layerwise.bench import _method_raw
     from layerwise.config import resolve
     from layerwise.errors import ConfigError
+    from layerwise.measure.bench import method_raw
 
     base = {"model": "minilm", "train": {"lr": 3e-4, "max_steps": 10}}
-    raw = _method_raw(base, "lora", 10, 6, {"train": {"lr": 1e-3}})
+    raw = method_raw(base, "lora", 10, 6, {"train": {"lr": 1e-3}})
     assert raw["train"] == {"lr": 1e-3, "max_steps": 10}
     assert base["train"]["lr"] == 3e-4  # the shared config is not touched
     assert resolve(raw)[0].train.lr == 1e-3
-    assert _method_raw(base, "full", 10, 6)["train"]["lr"] == 3e-4
+    assert method_raw(base, "full", 10, 6)["train"]["lr"] == 3e-4
     with pytest.raises(ConfigError, match="methods.<label>.train"):
-        _method_raw(base, "lora", 10, 6, {"train": 5})
+        method_raw(base, "lora", 10, 6, {"train": 5})
     with pytest.raises(ConfigError):
-        resolve(_method_raw(base, "lora", 10, 6, {"train": {"lrr": 1e-3}}))
+        resolve(method_raw(base, "lora", 10, 6, {"train": {"lrr": 1e-3}}))
 
 
 def test_bench_repeats_build_their_own_prefix_cache(tiny_bert_dir, cls_jsonl, tmp_path):

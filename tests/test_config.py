@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from layerwise.config import RunConfig, build, load_yaml, parse_override, resolve
+from layerwise.config import RunConfig, resolve
 from layerwise.errors import ConfigError
+from layerwise.schema import build, load_yaml, parse_override
 
 
 def test_defaults_are_lift_on_minilm_rotten_tomatoes():

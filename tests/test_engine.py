@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 from layerwise.anatomy import find_anatomy
-from layerwise.config import TrainConfig
 from layerwise.engine import SavedTensorMeter, Trainer
+from layerwise.engine.settings import TrainConfig
 from layerwise.methods import create_method, method_config
-
-from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 
 def make_trainer(model, method: dict, batch: dict, task: str = "classification", **train):

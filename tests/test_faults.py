@@ -103,8 +103,8 @@ def test_skipped_step_leaves_weights_untouched():
     from conftest import batch_for, repeat, tiny_bert
 
     from layerwise.anatomy import find_anatomy
-    from layerwise.config import TrainConfig
     from layerwise.engine import Trainer
+    from layerwise.engine.settings import TrainConfig
     from layerwise.methods import create_method, method_config
 
     model = tiny_bert()
@@ -127,7 +127,7 @@ def test_skipped_step_leaves_weights_untouched():
 
 
 def test_memory_guard_refuses_with_estimate_and_what_fits(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
-    import layerwise.guards as guards
+    import layerwise.preflight as guards
 
     calls = []
 
@@ -147,7 +147,7 @@ def test_memory_guard_refuses_with_estimate_and_what_fits(tiny_bert_dir, cls_jso
 
 
 def test_memory_guard_when_not_even_batch_one_fits(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
-    import layerwise.guards as guards
+    import layerwise.preflight as guards
 
     monkeypatch.setattr(guards, "available_memory", lambda device: (1000, "free memory on cuda:0"))
     assert main(args(tiny_bert_dir, cls_jsonl, tmp_path / "run", 2)) == 2
@@ -160,7 +160,7 @@ def test_estimate_tracks_the_trainable_set(tiny_bert_dir, cls_jsonl):
 
     from layerwise.anatomy import find_anatomy
     from layerwise.config import resolve
-    from layerwise.guards import estimate
+    from layerwise.preflight import estimate
 
     sizes = {}
     for method in ({"name": "full"}, {"name": "lift"}, {"name": "freeze", "top": 1}):
@@ -183,7 +183,7 @@ def test_estimate_tracks_the_trainable_set(tiny_bert_dir, cls_jsonl):
 
 
 def test_disk_guard_refuses_before_training(tiny_bert_dir, cls_jsonl, tmp_path, capsys, monkeypatch):
-    import layerwise.guards as guards
+    import layerwise.preflight as guards
 
     seen = []
 
@@ -280,7 +280,7 @@ def test_trust_remote_code_is_logged(tiny_bert_dir, capsys):
 
 def test_config_names_cannot_escape_the_folder(tmp_path):
     from layerwise.errors import ConfigError
-    from layerwise.guards import inside
+    from layerwise.preflight import inside
 
     assert inside(tmp_path, "lift.yaml") == tmp_path.resolve() / "lift.yaml"
     for bad in ("../x.yaml", "/etc/passwd", "a/b", "..", "", "."):

@@ -7,19 +7,18 @@ import math
 
 import pytest
 import torch
+from conftest import batch_for, repeat, tiny_bert, tiny_llama
 from peft.tuners.ia3.layer import IA3Layer
 from peft.tuners.lora.layer import LoraLayer
 
 from layerwise.anatomy import find_anatomy
 from layerwise.cli import main
-from layerwise.config import TrainConfig
 from layerwise.engine import Trainer
 from layerwise.engine.meter import SavedTensorMeter
+from layerwise.engine.settings import TrainConfig
 from layerwise.errors import ConfigError
 from layerwise.methods import create_method, method_config
 from layerwise.methods.base import RunContext
-
-from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 
 def make_ist(model, task="classification", seed=0, **cfg):

@@ -14,8 +14,8 @@ from layerwise.cli import main
 from layerwise.engine.meter import SavedTensorMeter
 from layerwise.errors import ConfigError
 from layerwise.methods import method_config
-from layerwise.methods.meft import MeftConfig, adapter_parameters, apply_meft, load_meft
-from layerwise.reversible import ReconstructionError
+from layerwise.methods.meft.method import MeftConfig, adapter_parameters, apply_meft, load_meft
+from layerwise.methods.meft.reversible import ReconstructionError
 
 
 def meft_model(model, **cfg):
@@ -153,8 +153,9 @@ def test_saved_bytes_flat_when_reversible_depth_doubles(arch):
 
 @pytest.mark.slow
 def test_minilm_saved_bytes_far_below_full():
-    from layerwise.methods.meft import saved_bytes_report
     from transformers import AutoModelForSequenceClassification
+
+    from layerwise.measure.meft import saved_bytes_report
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     rep = saved_bytes_report(model, batch=4, length=64)

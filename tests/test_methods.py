@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_bert
 
 from layerwise.anatomy import find_anatomy
 from layerwise.errors import ConfigError
 from layerwise.methods import METHODS, create_method, method_config
-
-from conftest import tiny_bert
 
 
 @pytest.fixture(scope="module")

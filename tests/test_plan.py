@@ -8,7 +8,7 @@ import pytest
 
 from layerwise.config import resolve
 from layerwise.errors import ConfigError
-from layerwise.plan import max_batch, parse_memory, plan_command
+from layerwise.measure.memory import max_batch, parse_memory, plan_command
 from layerwise.run import train
 
 METHODS = ("full", "lift", "lora", "meft")

@@ -198,10 +198,10 @@ def test_stale_cache_is_rebuilt_in_a_run(model_dirs, cls_jsonl, lm_jsonl, tmp_pa
 
 
 def test_refused_when_it_does_not_fit(model_dirs, cls_jsonl, lm_jsonl, tmp_path, monkeypatch):
-    import layerwise.guards
+    import layerwise.engine.prefix_cache
 
     cfg, splits, model, tok, anatomy, decision = _setup("bert", model_dirs, cls_jsonl, lm_jsonl, tmp_path)
-    monkeypatch.setattr(layerwise.guards, "free_disk", lambda path: 1000)
+    monkeypatch.setattr(layerwise.engine.prefix_cache, "free_disk", lambda path: 1000)
     with pytest.raises(ResourceError) as err:
         _open(cfg, decision, model, anatomy, tok, splits.train)
     msg = str(err.value)

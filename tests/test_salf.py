@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 from layerwise.anatomy import find_anatomy
-from layerwise.config import TrainConfig
 from layerwise.engine import SavedTensorMeter, Trainer
+from layerwise.engine.settings import TrainConfig
 from layerwise.errors import ConfigError
 from layerwise.methods import create_method, method_config
 from layerwise.methods.base import RunContext
-from layerwise.probe import (
+from layerwise.methods.salf.probe import (
     budget_blocks,
     collect_latents,
     cost_fractions,
@@ -23,8 +24,6 @@ from layerwise.probe import (
     run_probe,
     write_outputs,
 )
-
-from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 
 def cls_batches(n_batches: int = 3, size: int = 16, length: int = 12):
@@ -171,7 +170,7 @@ def bert_probe(tmp_path_factory):
 def make_salf_trainer(model, method: dict, batch: dict, task: str = "classification", loader=None):
     anatomy = find_anatomy(model)
     m = create_method(method_config(method), anatomy, task=task, seed=0)
-    m.context = RunContext(train_loader=loader or (lambda epoch: iter(cls_batches())), task=task)
+    m.context = RunContext(train_loader=loader or (lambda epoch: iter(cls_batches())))
     model = m.prepare(model)
     if model is not anatomy.model:
         m.anatomy = find_anatomy(model)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from layerwise.cli import main
-from layerwise.guards import CPU_BF16_ENV, cpu_has_bf16
+from layerwise.preflight import CPU_BF16_ENV, cpu_has_bf16
 
 METHODS = ["full", "lift_top_down", "salf", "ist", "meft"]
 #: The suite's bf16 half runs only where the CPU has bf16 matrix units (the subprocess sees the same answer).
@@ -69,7 +69,7 @@ def test_report_structure_charts_and_json(suite):
     for prec, runs in entry["runs"].items():
         assert list(runs) == METHODS
         for label, run in runs.items():
-            assert run["precision"] == prec and run["command"].startswith("python -m layerwise.suite worker ")
+            assert run["precision"] == prec and run["command"].startswith("layerwise measure worker ")
             eb = run["equal_batch"]
             # Each component at its own peak: the total (peak of the per-step sums) is at most their sum.
             assert eb["tokens_per_s"] > 0 and 0 < eb["memory"]["total"] <= sum(eb["memory"][k] for k in ("weights", "grads", "optimizer", "activations"))
@@ -168,7 +168,7 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
 
 
 def test_docs_page_links_resolve(suite, tmp_path):
-    from layerwise.suite_report import write_docs
+    from layerwise.measure.report import write_docs
 
     out, data, md = suite
     docs = tmp_path / "docs" / "benchmarks.md"
@@ -182,7 +182,7 @@ def test_docs_page_links_resolve(suite, tmp_path):
 
 
 def test_switch_cost_against_steady_steps_of_the_same_plan():
-    from layerwise.suite_report import switch_cost
+    from layerwise.measure.report import switch_cost
 
     def row(plan, switch, seconds, optimizer):
         return {"plan": plan, "switch": switch, "seconds": seconds, "method_hook": 0.0, "forward": 0.1, "backward": 0.2,

@@ -44,8 +44,10 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
-from ..methods.base import Plan
+from layerwise.engine.fsdp import like
+from layerwise.engine.io import fsync_dir, fsync_file, swap_folder
+from layerwise.errors import ConfigError
+from layerwise.methods.base import Plan
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -76,27 +78,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, allow_nan=True))
 
@@ -115,7 +96,6 @@ def _like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A saved whole tensor laid out like ``target``: sharded the same way if it is an FSDP DTensor."""
     if not hasattr(target, "device_mesh"):
         return value
-    from .fsdp import like
 
     return like(target, value)
 
@@ -230,11 +210,11 @@ def save_checkpoint(
     names, _ = _named(model)
     weights = {names[i]: p for i, p in ((id(p), p) for p in model.parameters()) if i in trainer.touched}
     touched = set(weights)
-    lowp = getattr(trainer, "lowp", None)
-    if lowp is not None:
+    frozen = trainer.frozen
+    if frozen is not None:
         # train.frozen_dtype: a frozen block's exact float32 master (host/disk), not its bf16 or int8 copy
         # (for int8 the model holds a quantized Parameter in place of the block's own one, which is touched).
-        for now, own, value in lowp.masters():
+        for now, own, value in frozen.masters():
             if id(own) in trainer.touched and id(now) in names:
                 weights[names[id(now)]] = value
                 touched.add(names[id(now)])
@@ -259,8 +239,8 @@ def save_checkpoint(
         "data": stream.state_dict(),
         "plan": {"blocks": list(plan.blocks), "embeddings": plan.embeddings, "head": plan.head},
         "switches": trainer.switches,
-        "skipped_steps": getattr(trainer, "skipped_steps", 0),
-        "consecutive_skips": getattr(trainer, "consecutive_skips", 0),
+        "skipped_steps": trainer.skipped_steps,
+        "consecutive_skips": trainer.consecutive_skips,
         "max_trainable": trainer.max_trainable,
         "touched": sorted(touched),
         "totals": {"steps": totals.steps, "tokens": totals.tokens, "samples": totals.samples, "seconds": totals.seconds, "peak": dict(totals.peak)},
@@ -270,21 +250,14 @@ def save_checkpoint(
 
     files = {}
     for path in sorted(tmp.iterdir()):
-        _fsync_file(path)
+        fsync_file(path)
         files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files}
     _write_json(tmp / MANIFEST, manifest)
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-    if final.exists():
-        # The same step saved again (a stop right after a periodic save): swap, never leave neither.
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
+    swap_folder(tmp, final)  # the same step saved again (a stop right after a periodic save) replaces it whole
+    fsync_dir(root)
     prune(root, keep_last)
     return final
 
@@ -375,10 +348,10 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
     if method_state["name"] != trainer.method.name:
         raise CheckpointError(f"checkpoint {path.name} is of method '{method_state['name']}', not '{trainer.method.name}'")
 
-    lowp = getattr(trainer, "lowp", None)
-    if lowp is not None:
+    frozen = trainer.frozen
+    if frozen is not None:
         # Every block float32 while the saved values are copied in; re-applied below for the saved plan.
-        lowp.restore_all()
+        frozen.restore_all()
         names, by_name = _named(model)  # int8: the blocks' own weight Parameters are back in the model
     with torch.no_grad():
         for name, value in load_file(str(path / "model.safetensors")).items():
@@ -394,10 +367,10 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
 
     p = state["plan"]
     plan = Plan(tuple(p["blocks"]), embeddings=p["embeddings"], head=p["head"])
-    if lowp is not None:
+    if frozen is not None:
         # Blocks outside the saved plan back to bf16 (fresh masters from the loaded float32 values), the
         # plan's blocks float32 before their optimizer state is loaded.
-        lowp.apply(plan.blocks)
+        frozen.apply(plan.blocks)
         trainer.meter.refresh(model)
         trainer.weight_bytes = trainer._weights_now()
     opt = trainer.optimizer

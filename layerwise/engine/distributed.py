@@ -22,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from layerwise.errors import ConfigError
 
 
 def launched() -> bool:

@@ -27,29 +27,25 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from layerwise.errors import ConfigError
+from layerwise.methods import Method, names_where
 
-METHODS = ("full", "freeze", "lift")
 
-
-def check_fsdp(cfg, method_name: str, distributed) -> None:
+def check_fsdp(cfg, method: type[Method], distributed) -> None:
     """Refuse ``train.fsdp`` where it cannot work (or was not verified) with a message naming the fix."""
-    if method_name == "lora":
+    if method.fsdp_refusal:
+        raise ConfigError(f"train.fsdp=true with {method.name} {method.fsdp_refusal}")
+    if not method.fsdp_ok:
         raise ConfigError(
-            "train.fsdp=true with lora fails here (torch 2.13, CPU/gloo: the first backward finds a loss that does not require "
-            "grad, see docs/scale-out.md): set train.fsdp=false; LoRA's trainable set is small, plain data parallel suits it"
-        )
-    if method_name not in METHODS:
-        raise ConfigError(
-            f"train.fsdp=true supports the methods {', '.join(METHODS)}, not '{method_name}': set train.fsdp=false "
-            "(data parallel without sharding works for every method)"
+            f"train.fsdp=true supports the methods {', '.join(names_where(lambda m: m.fsdp_ok))}, not '{method.name}': "
+            "set train.fsdp=false (data parallel without sharding works for every method)"
         )
     if not distributed:
         raise ConfigError(
             "train.fsdp=true shards the model over processes: launch with torchrun or accelerate launch (2 or more processes), "
             "or set train.fsdp=false"
         )
-    if getattr(cfg, "frozen_dtype", "fp32") != "fp32":
+    if cfg.frozen_dtype != "fp32":
         raise ConfigError("train.fsdp=true cannot change a sharded block's dtype between steps: set train.frozen_dtype=fp32")
     if cfg.gradient_checkpointing:
         raise ConfigError("train.fsdp=true with train.gradient_checkpointing is not supported here: set one of them to false")

@@ -4,7 +4,6 @@ peak process memory (peak RSS on CPU, ``max_memory_allocated`` on CUDA)."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
@@ -100,5 +99,5 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def env_threads() -> int:
-    return torch.get_num_threads() or os.cpu_count() or 1
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

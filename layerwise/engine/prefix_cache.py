@@ -41,22 +41,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ResourceError
-from ..guards import _fmt
+from layerwise.engine.io import fsync_dir, fsync_file, swap_folder, write_text
+from layerwise.engine.meter import format_bytes
+from layerwise.errors import ConfigError, ResourceError
+from layerwise.methods import names_where
+from layerwise.models import cache_dir
+from layerwise.preflight import free_disk
 
 MODES = ("off", "auto", "on")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _NUMPY = {"bf16": np.uint16, "fp32": np.float32}  # bf16 is stored as its raw 16-bit pattern
 INDEX_KEY = "example_index"
-#: Methods whose plan is a pure function of the step, so the trainable depth of every step is known before training.
-PURE_PLAN_METHODS = ("full", "freeze", "salf", "lift", "lisa")
 FORMAT = 1
 MANIFEST = "manifest.json"
 
 
 def default_root() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "prefix"
 
 
@@ -66,8 +66,9 @@ def default_root() -> Path:
 
 def prefix_depth(method, max_steps: int) -> tuple[int, str]:
     """(depth, why): the number of blocks below every step's lowest trainable block (0: nothing to cache)."""
-    if method.name not in PURE_PLAN_METHODS:
-        return 0, f"method {method.name}'s trainable blocks are not known before training (supported: {', '.join(PURE_PLAN_METHODS)})"
+    if not method.plan_known_ahead:
+        supported = ", ".join(names_where(lambda m: m.plan_known_ahead))
+        return 0, f"method {method.name}'s trainable blocks are not known before training (supported: {supported})"
     L = method.num_blocks
     depth, worst = L, None
     with torch.random.fork_rng(devices=[]):
@@ -424,11 +425,9 @@ def build(path_tmp: Path, model, anatomy, ds, collate, lengths: np.ndarray, dept
 
 def _sync_folder(path: Path) -> None:
     """Files, then the folder itself, on disk before the rename that makes the cache visible."""
-    from .checkpoint import _fsync_dir, _fsync_file
-
     for p in path.iterdir():
-        _fsync_file(p)
-    _fsync_dir(path)
+        fsync_file(p)
+    fsync_dir(path)
 
 
 def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collate, *, device, autocast, log=print) -> PrefixCache | None:
@@ -436,8 +435,6 @@ def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collat
 
     Raises :class:`~layerwise.errors.ResourceError` (mode ``on``) when a new cache would not fit on disk.
     """
-    from ..guards import free_disk
-
     tcfg = cfg.train
     root = Path(tcfg.prefix_cache_dir).expanduser() if tcfg.prefix_cache_dir else default_root()
     depth = decision.depth
@@ -452,7 +449,7 @@ def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collat
             manifest = json.loads((path / MANIFEST).read_text())
             cache = PrefixCache(path, manifest, anatomy)
             cache.build_seconds = time.perf_counter() - t0
-            log(f"prefix cache: reusing {path} (blocks 0..{depth - 1}, {len(lengths)} examples, {_fmt(manifest['bytes'])})")
+            log(f"prefix cache: reusing {path} (blocks 0..{depth - 1}, {len(lengths)} examples, {format_bytes(manifest['bytes'])})")
             return cache
         log(f"prefix cache: not using {path} ({problem}); building a new one")
     hidden = _hidden_size(model)
@@ -460,8 +457,8 @@ def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collat
     free = free_disk(root)
     if free is not None and need > free:
         msg = (
-            f"the frozen-prefix cache needs about {_fmt(need)} ({len(lengths)} examples, {int(lengths.sum())} tokens x "
-            f"{hidden} values in {tcfg.prefix_cache_dtype}, blocks 0..{depth - 1}) but '{root}' has {_fmt(free)} free: "
+            f"the frozen-prefix cache needs about {format_bytes(need)} ({len(lengths)} examples, {int(lengths.sum())} tokens x "
+            f"{hidden} values in {tcfg.prefix_cache_dtype}, blocks 0..{depth - 1}) but '{root}' has {format_bytes(free)} free: "
             f"free disk space, set train.prefix_cache_dir to a larger disk"
             + (", use train.prefix_cache_dtype=bf16 (half the size)" if tcfg.prefix_cache_dtype == "fp32" else "")
             + ", or set train.prefix_cache=off"
@@ -473,26 +470,18 @@ def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collat
     root.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(root, name)
     tmp = root / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log(f"prefix cache: building {path} (blocks 0..{depth - 1}, {len(lengths)} examples, ~{_fmt(need)})")
+    log(f"prefix cache: building {path} (blocks 0..{depth - 1}, {len(lengths)} examples, ~{format_bytes(need)})")
     try:
         with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
             info = build(tmp, model, anatomy, ds, collate, lengths, depth, tcfg.prefix_cache_dtype, device=device,
                          autocast=autocast, batch_size=tcfg.eval_batch_size, progress=tcfg.progress)
         manifest = {"key": key, **info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp_manifest = tmp / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp_manifest, tmp / MANIFEST)
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _sync_folder(tmp)
-        if path.exists():  # stale, or a concurrent build finished first
-            if check_cache(path, key) is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                trash = root / f"{name}.stale-{uuid.uuid4().hex[:8]}"
-                os.replace(path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(tmp, path)
+        if path.exists() and check_cache(path, key) is None:  # a concurrent build finished first
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            swap_folder(tmp, path)  # replaces a stale cache whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -500,5 +489,5 @@ def open_or_build(cfg, decision: Decision, model, anatomy, tokenizer, ds, collat
     cache = PrefixCache(path, manifest, anatomy)
     cache.built = True
     cache.build_seconds = time.perf_counter() - t0
-    log(f"prefix cache: built in {cache.build_seconds:.1f}s ({_fmt(manifest['bytes'])})")
+    log(f"prefix cache: built in {cache.build_seconds:.1f}s ({format_bytes(manifest['bytes'])})")
     return cache

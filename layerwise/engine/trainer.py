@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from ..config import TrainConfig
-from ..methods import Method, Plan
-from .meter import PeakMemory, SavedTensorMeter, grad_bytes, param_bytes
-from .optim import ActiveOptimizer, fused_supported
+from layerwise.engine.frozen import DTYPES, FrozenLowPrecision
+from layerwise.engine.meter import PeakMemory, SavedTensorMeter, grad_bytes, param_bytes
+from layerwise.engine.optim import ActiveOptimizer, fused_supported
+from layerwise.engine.settings import TrainConfig
+from layerwise.errors import NumericalError
+from layerwise.methods import Method, Plan
 
 
 @dataclass
@@ -47,19 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def batches_forever(make_loader: Callable[[int], torch.utils.data.DataLoader]) -> Iterator[dict]:
-    """Endless batches; epoch ``e`` is shuffled with seed ``e`` so the order is reproducible."""
-    epoch = 0
-    while True:
-        n = 0
-        for batch in make_loader(epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError("the training data loader produced no batches")
-        epoch += 1
 
 
 class BatchStream:
@@ -153,24 +142,22 @@ class Trainer:
             p.requires_grad_(False)
         self.step_index = 0
         self.plan = method.plan(0)
-        #: train.frozen_dtype: blocks outside the plan held in bf16 (:mod:`layerwise.engine.lowp`).
-        self.lowp = None
-        if getattr(cfg, "frozen_dtype", "fp32") != "fp32":
-            from .lowp import DTYPES, FrozenLowPrecision
-
-            self.lowp = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], getattr(cfg, "frozen_master", "rounded"),
-                                           getattr(cfg, "frozen_master_dir", None))
+        #: train.frozen_dtype: blocks outside the plan held in bf16 (:mod:`layerwise.engine.frozen`).
+        self.frozen = None
+        if cfg.frozen_dtype != "fp32":
+            self.frozen = FrozenLowPrecision(method.anatomy.blocks, DTYPES[cfg.frozen_dtype], cfg.frozen_master,
+                                           cfg.frozen_master_dir)
             try:
-                self.lowp.apply(self.plan.blocks)
+                self.frozen.apply(self.plan.blocks)
             except BaseException:
-                self.lowp.close()  # frozen_master=disk: leave no scratch folder behind
+                self.frozen.close()  # frozen_master=disk: leave no scratch folder behind
                 raise
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
-            state_policy=getattr(method, "optimizer_state", None) or cfg.optimizer_state,
+            state_policy=method.optimizer_state or cfg.optimizer_state,
             fused=cfg.fused_optimizer and fused_supported(self.device) and not cfg.fsdp,
             lr_scale=method.lr_scale,
             scales=method.lr_scales(),
@@ -208,14 +195,14 @@ class Trainer:
     def _weights_now(self) -> int:
         """Parameter bytes; with frozen_master=host on a CPU device the float32 master copies too (same memory)."""
         n = param_bytes(self.model)
-        if self.lowp is not None and self.device.type == "cpu":
-            n += self.lowp.master_bytes()
+        if self.frozen is not None and self.device.type == "cpu":
+            n += self.frozen.master_bytes()
         return n
 
     def apply_plan(self, plan: Plan) -> None:
         if plan == self.plan:
             return
-        if self.lowp is not None and self.lowp.apply(plan.blocks):
+        if self.frozen is not None and self.frozen.apply(plan.blocks):
             # New storages: the meter must still recognise parameters; the weights' bytes changed.
             self.meter.refresh(self.model)
             self.weight_bytes = self._weights_now()
@@ -252,7 +239,7 @@ class Trainer:
 
     def _nonfinite_blocks(self, params: list[nn.Parameter]) -> str:
         """The active blocks (and embeddings/head/adapters) whose gradients hold NaN or inf."""
-        anatomy = getattr(self.method, "anatomy", None)
+        anatomy = self.method.anatomy
         names: list[str] = []
         for p in params:
             if p.grad is None or bool(torch.isfinite(p.grad).all()):
@@ -272,18 +259,16 @@ class Trainer:
 
     def _nonfinite(self, loss: float, norm: float, params: list[nn.Parameter]) -> None:
         """A non-finite loss or gradient: raise (on_nonfinite=stop, or too many skips in a row) or count a skip."""
-        from ..errors import NumericalError
-
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         where = f"at step {self.step_index + 1} (training {self.plan.describe()}; non-finite gradients in: {self._nonfinite_blocks(params)})"
-        if getattr(self.cfg, "on_nonfinite", "stop") != "skip":
+        if self.cfg.on_nonfinite != "skip":
             raise NumericalError(
                 f"{what} {where}: lower train.lr, enable train.max_grad_norm or train.bf16=false, "
                 f"or set train.on_nonfinite=skip to skip such steps"
             )
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        limit = getattr(self.cfg, "max_skipped_steps", 10)
+        limit = self.cfg.max_skipped_steps
         if self.consecutive_skips >= limit:
             raise NumericalError(f"{what} {where}: {self.consecutive_skips} steps in a row skipped (train.max_skipped_steps={limit}); lower train.lr")
 

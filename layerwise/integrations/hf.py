@@ -39,13 +39,12 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..anatomy import UnsupportedModelError, find_anatomy
-from ..engine.optim import ActiveOptimizer, fused_supported
-from ..errors import ConfigError, ModelError
-from ..methods import Plan, create_method, method_config
-
-SUPPORTED = ("full", "freeze", "lift", "lisa", "lora")
-SWITCHING = ("lift", "lisa")
+from layerwise.anatomy import UnsupportedModelError
+from layerwise.engine.optim import ActiveOptimizer, fused_supported
+from layerwise.engine.trainer import keep_inputs_grad_free
+from layerwise.errors import ConfigError, ModelError
+from layerwise.methods import METHODS, Plan, method_config, names_where, setup
+from layerwise.models import default_task_for
 
 
 def _task_of(model: nn.Module) -> str:
@@ -54,7 +53,6 @@ def _task_of(model: nn.Module) -> str:
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
         return "classification"
-    from ..models import default_task_for
 
     return default_task_for(model.config)
 
@@ -89,10 +87,11 @@ class LayerwiseCallback(TrainerCallback):
         task: str | None = None,
         **method_options,
     ):
-        if method not in SUPPORTED:
+        if method in METHODS and not METHODS[method].trainer_ok:
+            supported = ", ".join(names_where(lambda m: m.trainer_ok))
             raise ConfigError(
                 f"method '{method}' cannot run inside transformers.Trainer (it needs the layerwise engine): "
-                f"use one of {', '.join(SUPPORTED)}, or `layerwise train --method {method}`"
+                f"use one of {supported}, or `layerwise train --method {method}`"
             )
         lr = lr if lr is not None else (args.learning_rate if args is not None else 1e-4)
         weight_decay = weight_decay if weight_decay is not None else (args.weight_decay if args is not None else 0.0)
@@ -100,15 +99,11 @@ class LayerwiseCallback(TrainerCallback):
         max_steps = max_steps if max_steps is not None else (max(args.max_steps, 0) if args is not None else 0)
         betas = (args.adam_beta1, args.adam_beta2) if args is not None else (0.9, 0.999)
         eps = args.adam_epsilon if args is not None else 1e-8
+        mcfg = method_config({"name": method, **method_options})
         try:
-            anatomy = find_anatomy(model, blocks)
+            self.method, self.model = setup(mcfg, model, task=task or _task_of(model), blocks=blocks, seed=seed, max_steps=max_steps)
         except UnsupportedModelError as exc:
             raise ModelError(str(exc)) from None
-        mcfg = method_config({"name": method, **method_options})
-        self.method = create_method(mcfg, anatomy, task=task or _task_of(model), seed=seed, max_steps=max_steps)
-        self.model = self.method.prepare(model)
-        if self.model is not model:  # adapters wrap the model: find the groups again so they are included
-            self.method.anatomy = find_anatomy(self.model, blocks)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.plan: Plan = self.method.plan(0)
@@ -131,7 +126,7 @@ class LayerwiseCallback(TrainerCallback):
                 "the Trainer built its own optimizer, which would not follow the layerwise plan: "
                 "pass optimizers=(callback.optimizer, None) to the Trainer"
             )
-        if args.world_size > 1 and self.method.name in SWITCHING:
+        if args.world_size > 1 and self.method.switching:
             raise ConfigError(
                 f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper "
                 "cannot follow: run it data parallel with `torchrun -m layerwise train` (docs/scale-out.md)"
@@ -141,7 +136,6 @@ class LayerwiseCallback(TrainerCallback):
         if on and not gc_kwargs.get("use_reentrant", False):
             # The Trainer enabled (non-reentrant) checkpointing before this call; drop transformers' hook
             # that makes the embeddings' output require grad, or backward no longer stops at the plan.
-            from ..engine.trainer import keep_inputs_grad_free
 
             keep_inputs_grad_free(kwargs.get("model") or self.model)
         if state.global_step:

@@ -1,7 +1,17 @@
-"""Registered methods. A new method is one file here plus one import line."""
+"""Registered methods: each module (or package) in this folder registers its own method when imported.
 
-from .base import Method, Plan
-from .registry import METHODS, create_method, method_config, register
-from . import full, freeze, ist, lift, lisa, lora, meft, salf  # noqa: F401  (registration)
+A new method is one file here; the command line also imports the modules named in ``LAYERWISE_PLUGINS``
+(:func:`layerwise.methods.registry.load_plugins`), for methods kept in other packages.
+"""
 
-__all__ = ["METHODS", "Method", "Plan", "create_method", "method_config", "register"]
+import importlib
+import pkgutil
+
+from layerwise.methods.base import Method, Plan, RunContext
+from layerwise.methods.registry import METHODS, create_method, load_plugins, method_config, names_where, register, setup
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Method", "Plan", "RunContext", "create_method", "load_plugins", "method_config", "names_where", "register",
+           "setup"]

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy
-from ..errors import ConfigError
+from layerwise.anatomy import Anatomy
+from layerwise.errors import ConfigError
 
 
 @dataclass
@@ -31,7 +31,6 @@ class RunContext:
     tokenizer: Any = None
     output: Any = None
     device: Any = None
-    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -61,18 +60,37 @@ class Plan:
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and ``Config`` and implement :meth:`plan`."""
+    """Base class. Subclasses set ``name`` and ``Config``, implement :meth:`plan`, and declare what they can do.
+
+    The engine, the integrations and the benchmarks read the declarations below; none of them keeps
+    a list of method names.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     #: True when only adapter parameters (created in :meth:`prepare`) may train.
     adapter_only: ClassVar[bool] = False
+    #: True when the trainable set changes during training (a data-parallel wrapper must follow it).
+    switching: ClassVar[bool] = False
+    #: True when :meth:`plan` is a pure function of the step, known before training (the prefix cache needs it).
+    plan_known_ahead: ClassVar[bool] = False
+    #: Runs inside ``transformers.Trainer`` through :class:`layerwise.integrations.hf.LayerwiseCallback`.
+    trainer_ok: ClassVar[bool] = False
+    #: Trains with ``train.fsdp`` (FSDP2). ``fsdp_refusal``: where a known failure is the reason it does not, the
+    #: rest of the sentence "train.fsdp=true with NAME ..." that says so and names the fix.
+    fsdp_ok: ClassVar[bool] = False
+    fsdp_refusal: ClassVar[str] = ""
+    #: Work a step does beyond its plan's forward and backward, which the cost model does not charge: phase -> what.
+    unmodelled: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config: Any, anatomy: Anatomy, *, seed: int = 0, max_steps: int = 0):
+    def __init__(self, config: Any, anatomy: Anatomy, *, task: str = "classification", seed: int = 0, max_steps: int = 0):
         self.config = config
         self.anatomy = anatomy
+        self.task = task
         self.seed = seed
         self.max_steps = max_steps
+        #: The optimizer-state policy on a switch when the method sets its own (``train.optimizer_state`` otherwise).
+        self.optimizer_state: str | None = None
         self.adapter_params: set[int] = set()
         #: Set by the run before :meth:`prepare`: a :class:`RunContext` (data loaders,
         #: tokenizer, output folder, device). ``None`` when a method is used on its own.
@@ -111,6 +129,18 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    @classmethod
+    def stated_defaults(cls, num_blocks: int, *, with_data: bool) -> dict:
+        """Settings a command that fills in the config for the user (``bench``, ``plan``, the suite) states for
+        this method: those without a default, and (``with_data=False``) those that stand in for training data."""
+        return {}
+
+    @classmethod
+    def fit_schedule(cls, num_blocks: int, steps: int, given: dict) -> dict:
+        """Schedule settings with which a run of ``steps`` steps covers the whole stack (``bench``, the suite),
+        for the settings the user ``given``."""
+        return {}
 
     # -- shared ------------------------------------------------------------------------
     @property

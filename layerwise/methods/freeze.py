@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .base import Method, Plan
-from .registry import register
+from layerwise.errors import ConfigError
+from layerwise.methods.base import Method, Plan
+from layerwise.methods.registry import register
 
 
 @dataclass
@@ -33,6 +33,11 @@ class FreezeConfig:
 class Freeze(Method):
     name = "freeze"
     Config = FreezeConfig
+    plan_known_ahead = trainer_ok = fsdp_ok = True
+
+    @classmethod
+    def stated_defaults(cls, num_blocks: int, *, with_data: bool) -> dict:
+        return {"top": max(1, num_blocks // 4)}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)

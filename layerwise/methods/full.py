@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from .base import Method, Plan, all_blocks
-from .registry import register
+from layerwise.methods.base import Method, Plan, all_blocks
+from layerwise.methods.registry import register
 
 
 @dataclass
@@ -15,6 +15,7 @@ class FullConfig:
 class Full(Method):
     name = "full"
     Config = FullConfig
+    plan_known_ahead = trainer_ok = fsdp_ok = True
 
     def plan(self, step: int) -> Plan:
         return Plan(all_blocks(self.anatomy), embeddings=True, head=True)

@@ -36,33 +36,24 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import torch
-from peft import IA3Config, TaskType, get_peft_model
-from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.ia3.layer import IA3Layer
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..errors import ConfigError
-from .base import Method, Plan, seeded_generator
-from .registry import register
+from layerwise.errors import ConfigError
+from layerwise.methods.adapters import AdapterConfig, inject
+from layerwise.methods.base import Method, Plan, seeded_generator
+from layerwise.methods.registry import register
 
 # Tags mixed into the seeds so the selection, suppression and probe-data streams are independent.
 _SELECT, _SUPPRESS, _PROBE_DATA = 0x157, 0x5FF, 0xDA7A
 
 
 @dataclass
-class IstConfig:
+class IstConfig(AdapterConfig):
     name: str = "ist"
     adapter: Literal["lora", "dora", "ia3"] = "lora"
     """The per-layer PEFT module, injected with ``peft``."""
-    r: int = 8
-    """Rank (lora, dora)."""
-    alpha: int = 16
-    """Scaling numerator: the adapter output is multiplied by alpha / r (lora, dora)."""
-    dropout: float = 0.05
-    """Adapter dropout (lora, dora)."""
-    target_modules: list[str] | None = None
-    """Module names to adapt; None = peft's default for the architecture."""
     feedforward_modules: list[str] | None = None
     """ia3 only: target modules whose INPUT is scaled; None = peft's default (or none when target_modules is set)."""
     update_layers: int | None = None
@@ -94,7 +85,8 @@ class IstConfig:
     """Write ``importance.png`` (score per layer x step) into the run folder."""
 
     def validate(self) -> None:
-        for key in ("r", "probes", "importance_batch_size"):
+        super().validate()
+        for key in ("probes", "importance_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("update_layers", "suppress_layers"):
@@ -113,40 +105,16 @@ class IstConfig:
             raise ConfigError("method.feedforward_modules applies to adapter: ia3 only")
 
 
-def wrap_with_adapter(model, config: IstConfig, task: str):
-    """``model`` wrapped by ``peft`` with the adapter ``config.adapter`` asks for."""
-    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
-    if config.adapter == "ia3":
-        ff = config.feedforward_modules
-        if ff is None and config.target_modules is not None:
-            ff = []  # peft's default feed-forward names need not be among the user's targets
-        peft_cfg = IA3Config(target_modules=config.target_modules, feedforward_modules=ff, task_type=task_type)
-    else:
-        peft_cfg = PeftLoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=config.target_modules,
-            use_dora=config.adapter == "dora",
-            task_type=task_type,
-        )
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{config.adapter} could not be applied: {str(exc).splitlines()[0]}; set method.target_modules to module names of this model"
-        ) from None
-
-
 @register
 class Ist(Method):
     name = "ist"
     Config = IstConfig
     adapter_only = True
+    switching = True
+    unmodelled = {"method_hook": "importance loop: probe forward passes every probe_every steps"}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
-        #: Read by the Trainer: the optimizer-state policy for layers that leave the active set.
         self.optimizer_state = config.optimizer_state
         self.model = None
         self.layers: list[int] = []  # block index of each IST layer
@@ -166,7 +134,7 @@ class Ist(Method):
 
     # -- setup ---------------------------------------------------------------------------
     def prepare(self, model):
-        model = wrap_with_adapter(model, self.config, self.task)
+        model = inject(model, self.config, self.task, kind=self.config.adapter, feedforward_modules=self.config.feedforward_modules)
         self.adapter_params = {id(p) for p in model.parameters() if p.requires_grad}
         self.model = model
         self._setup()  # checks layer counts now, before anything is written

@@ -9,9 +9,9 @@ from typing import Literal
 
 import torch
 
-from ..errors import ConfigError
-from .base import Method, Plan, seeded_generator
-from .registry import register
+from layerwise.errors import ConfigError
+from layerwise.methods.base import Method, Plan, seeded_generator
+from layerwise.methods.registry import register
 
 Policy = Literal["always", "never", "phase"]
 
@@ -38,6 +38,12 @@ class LiftConfig:
 class Lift(Method):
     name = "lift"
     Config = LiftConfig
+    switching = plan_known_ahead = trainer_ok = fsdp_ok = True
+
+    @classmethod
+    def fit_schedule(cls, num_blocks: int, steps: int, given: dict) -> dict:
+        # One pass of the whole schedule within the run: every block active equally often.
+        return {"switch_every": max(1, steps // -(-num_blocks // given.get("k", 1)))}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from .base import Method, Plan, seeded_generator
-from .registry import register
+from layerwise.errors import ConfigError
+from layerwise.methods.base import Method, Plan, seeded_generator
+from layerwise.methods.registry import register
 
 
 @dataclass
@@ -26,6 +26,12 @@ class LisaConfig:
 class Lisa(Method):
     name = "lisa"
     Config = LisaConfig
+    switching = plan_known_ahead = trainer_ok = True
+
+    @classmethod
+    def fit_schedule(cls, num_blocks: int, steps: int, given: dict) -> dict:
+        # As many phases as disjoint groups of k blocks, so the run sees about one pass of the stack.
+        return {"switch_every": max(1, steps // max(1, num_blocks // given.get("k", 2)))}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)

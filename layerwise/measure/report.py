@@ -14,6 +14,8 @@ PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
 
 CAL_PHASES = ("forward", "backward", "optimizer")
+PHASES = ("method_hook", "forward", "backward", "optimizer", "other")
+OVERHEAD_THRESHOLD = 85.0
 
 
 def calibration(runs: dict) -> dict:
@@ -82,8 +84,6 @@ def switch_cost(steps: list[dict]) -> dict | None:
     spread over all timed steps (so it compares with the per-step excess)."""
     if not steps:
         return None
-    from .suite import PHASES
-
     steady: dict[str, list[dict]] = {}
     for r in steps:
         if not r.get("switch"):
@@ -128,8 +128,8 @@ def write_docs(report: dict, out: Path, docs: Path) -> None:
     tmp.replace(docs)
 
 
-def _f(v, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec: str, missing: str = "n/a") -> str:
+    return missing if v is None else format(v, spec)
 
 
 def _metric(point: dict | None, metric: str) -> str:
@@ -137,8 +137,6 @@ def _metric(point: dict | None, metric: str) -> str:
 
 
 def render(report: dict, out: Path) -> str:
-    from .suite import CAUSES
-
     m = report["machine"]
     lines = [
         "# layerwise benchmark suite: the papers' comparisons, with the hardware limit beside each number",
@@ -165,15 +163,13 @@ def render(report: dict, out: Path) -> str:
     for prec, why in report.get("skipped_precisions", {}).items():
         lines += [f"**{PRECISION_NAMES[prec]}**: {why}.", ""]
     for model, entry in report["models"].items():
-        lines += _model_section(model, entry, report, out, CAUSES)
+        lines += _model_section(model, entry, report, out)
     if report.get("scaling"):
         lines += _scaling_section(report["scaling"], out)
     return "\n".join(lines) + "\n"
 
 
-def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dict) -> list[str]:
-    from .suite import PHASES
-
+def _model_section(model: str, entry: dict, report: dict, out: Path) -> list[str]:
     precs = list(entry["runs"])
     first = next(iter(entry["runs"][precs[0]].values()))
     lines = [
@@ -195,8 +191,8 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
         for label, run in runs.items():
             eb = run["equal_batch"]
             lines.append(f"| {label} | {eb['trainable_parameters_max']:,} | {eb['tokens_per_s']:.1f} | {r[label]['gain']:.2f} | "
-                         f"{eb['memory']['total'] / MiB:.1f} | {r[label]['saving']:.2f} | {_f(r[label]['ideal'], '.2f')} | "
-                         f"{_f(r[label]['percent'], '.0f')} |")
+                         f"{eb['memory']['total'] / MiB:.1f} | {r[label]['saving']:.2f} | {fmt(r[label]['ideal'], '.2f')} | "
+                         f"{fmt(r[label]['percent'], '.0f')} |")
         lines += ["", _phase_table(runs), ""]
         over = overheads(runs, report["threshold_percent_of_ideal"])
         if over:
@@ -204,7 +200,7 @@ def _model_section(model: str, entry: dict, report: dict, out: Path, causes: dic
                       "(each phase calibrated on full's), by phase:", ""]
             for label, o in over.items():
                 parts = sorted(o["excess"].items(), key=lambda kv: -kv[1])
-                named = [f"{k} +{v:.4f} s" + (f" ({causes[runs[label]['method']][k]})" if k in causes.get(runs[label]["method"], {}) else "")
+                named = [f"{k} +{v:.4f} s" + (f" ({runs[label]['unmodelled'][k]})" if k in runs[label].get("unmodelled", {}) else "")
                          for k, v in parts if v > 0.01 * o["step_seconds"]]
                 sw = o["switches"]
                 if sw and sw["compared"]:
@@ -237,8 +233,8 @@ def _phase_table(runs: dict) -> str:
         peak = rate.get("flops_per_s")
         rows.append(f"| {label} | {ph['method_hook']:.4f} | {ph['forward']:.4f} | {ph['backward']:.4f} | {ph['optimizer']:.4f} | "
                     f"{ph['other']:.4f} | {eb['step_seconds']:.4f} | {pr['forward']:.4f} / {pr['backward']:.4f} / {pr['optimizer']:.4f} | "
-                    f"{_f(fl['flops'] / 1e9 if fl else None, '.2f')} | {_f(achieved / 1e9 if achieved else None, '.1f')} | "
-                    f"{_f(100 * achieved / peak if achieved and peak else None, '.1f')} |")
+                    f"{fmt(fl['flops'] / 1e9 if fl else None, '.2f')} | {fmt(achieved / 1e9 if achieved else None, '.1f')} | "
+                    f"{fmt(100 * achieved / peak if achieved and peak else None, '.1f')} |")
     clock = next(iter(runs.values()))["equal_batch"].get("clock", "perf_counter")
     rate_line = (f" The matrix rate is measured on this device: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s for a {rate['gemm']} GEMM."
                  if rate and rate.get("flops_per_s") else "")
@@ -272,7 +268,7 @@ def _equal_memory(model: str, entry: dict, out: Path) -> list[str]:
             cap = " (capped)" if em["capped"] else ""
             lines.append(f"| {label} | {em['max_batch_predicted']} | {em['batch_size']}{cap} | {em['memory']['total'] / MiB:.1f} | "
                          f"{100 * em['memory']['total'] / em['budget_bytes']:.1f} | "
-                         f"{em['tokens_per_s']:.1f} | {_f(em['tokens_per_s'] / ftps if ftps else None, '.2f')} |")
+                         f"{em['tokens_per_s']:.1f} | {fmt(em['tokens_per_s'] / ftps if ftps else None, '.2f')} |")
         lines.append("")
     lines += [f"![equal memory]({_chart_equal_memory(model, entry, out)})", ""]
     return lines

@@ -2,8 +2,8 @@
 hardware limit beside every number; writes ``DIR/report.md``, PNG charts and ``DIR/suite.json``.
 
 Per model and precision (fp32, bf16 autocast), each method runs in its own process (forked from
-the driver, so the imports are paid once; ``python -m layerwise.suite worker SPEC.json`` runs the
-same worker alone). One worker:
+the driver, so the imports and the data are loaded once; ``layerwise measure worker SPEC.json`` runs
+the same worker alone). One worker:
 
 1. trains ``steps`` optimizer steps at the shared batch, padded length and seed, on a constant
    learning rate, evaluating on held-out data every ``eval_every`` steps (evaluation time is not
@@ -11,8 +11,8 @@ same worker alone). One worker:
    ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
 2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
    other) and compares each with the cost model's prediction for the plans the steps really ran
-   (:mod:`layerwise.costmodel`, profiled once per model and precision);
-3. predicts with :func:`layerwise.plan.measure_method` the largest batch that fits the memory budget
+   (:mod:`layerwise.measure.costmodel`, profiled once per model and precision);
+3. predicts with :func:`layerwise.measure.memory.measure_method` the largest batch that fits the memory budget
    (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
 
 Scaling (``full``, ``lift``, ``lora``, ``meft`` on tiny random Llama models built in code): step
@@ -21,8 +21,8 @@ time and training memory vs depth, sequence length and batch, with a fitted slop
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -33,10 +33,35 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.utils import logging as hf_logging
 
-from .errors import ConfigError
-from .guards import CPU_BF16_ENV, bf16_supported
+from layerwise.config import resolve
+from layerwise.data import Splits, load_splits, tokenize_splits
+from layerwise.engine import Trainer, evaluate
+from layerwise.engine.settings import TrainConfig
+from layerwise.engine.trainer import BatchStream
+from layerwise.errors import ConfigError
+from layerwise.measure.bench import method_raw
+from layerwise.measure.costmodel import Profile, predicted_speedup
+from layerwise.measure.memory import max_batch, measure_method, predict, repeat_batch, synthetic_batch
+from layerwise.measure.profile import profile_methods
+from layerwise.measure.report import OVERHEAD_THRESHOLD, PHASES, render, write_docs
+from layerwise.methods import method_config, setup
+from layerwise.models import count_blocks, default_task_for, load_tokenizer, resolve_model_path
+from layerwise.preflight import CPU_BF16_ENV, bf16_supported
+from layerwise.run import Run
 
 #: (label, method settings); lift's switch_every and lisa's follow the step budget (one pass of the schedule).
 SUITE_METHODS = (
@@ -76,14 +101,6 @@ PRESETS = {
 }
 SCALING_METHODS = ("full", "lift", "lora", "meft")
 PRECISIONS = ("fp32", "bf16")
-PHASES = ("method_hook", "forward", "backward", "optimizer", "other")
-#: What a phase's measured excess over the cost model is, by method (the number itself is measured).
-CAUSES = {
-    "meft": {"backward": "reversible backward: block inputs recomputed from outputs"},
-    "ist": {"method_hook": "importance loop: probe forward passes every probe_every steps"},
-    "salf": {"method_hook": "probe"},
-}
-OVERHEAD_THRESHOLD = 85.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +108,6 @@ OVERHEAD_THRESHOLD = 85.0
 
 
 def tiny_config(family: str, layers: int, hidden: int = 64, vocab: int = 30522, positions: int = 512):
-    from transformers import BertConfig, LlamaConfig
-
     if family == "bert":
         return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                           intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=2)
@@ -103,10 +118,6 @@ def tiny_config(family: str, layers: int, hidden: int = 64, vocab: int = 30522, 
 
 def build_tiny(spec: str, folder: Path) -> str:
     """``tiny-bert`` / ``tiny-llama`` (4 blocks, hidden 64, MiniLM's tokenizer) saved under ``folder``."""
-    from transformers import AutoTokenizer, BertForSequenceClassification, LlamaForCausalLM
-
-    from .models import resolve_model_path
-
     family = spec.split("-", 1)[1]
     torch.manual_seed(0)
     cls = BertForSequenceClassification if family == "bert" else LlamaForCausalLM
@@ -160,7 +171,6 @@ class PhaseClock:
     snapshot is taken. Elsewhere the host clock (``perf_counter``) is exact."""
 
     def __init__(self, trainer):
-
         self.cuda = getattr(trainer, "device", None) is not None and trainer.device.type == "cuda"
         if self.cuda:
             self._now = lambda: _cuda_event(torch)
@@ -213,7 +223,6 @@ class PhaseClock:
 
     def snapshot(self) -> dict:
         if self._pending:
-
             torch.cuda.synchronize()
             for phase, start, end in self._pending:
                 self.total[phase] += start.elapsed_time(end) / 1000.0
@@ -268,7 +277,6 @@ class _NoModuleTracking:
 def count_step_flops(trainer) -> dict:
     """FLOPs of one optimizer step (forward, backward, recomputation), counted by torch's
     ``FlopCounterMode`` from the shapes of the matrix products and attention it dispatches."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     # Only the total is needed: its per-module tracker hooks backward in a way that breaks an
@@ -280,8 +288,6 @@ def count_step_flops(trainer) -> dict:
 
 
 def _resolve_worker(spec: dict, batch_size: int, output: Path):
-    from .config import resolve
-
     raw = {
         "model": spec["model_path"],
         "data": {"source": spec["data"], "max_length": spec["seq_len"], "padding": "max_length",
@@ -296,8 +302,6 @@ def _resolve_worker(spec: dict, batch_size: int, output: Path):
 
 
 def _load_profile(path: str):
-    from .costmodel import Profile
-
     fields = {f.name for f in dataclasses.fields(Profile)}
     return Profile(**{k: v for k, v in json.loads(Path(path).read_text())["profile"].items() if k in fields})
 
@@ -313,26 +317,16 @@ def predicted_phases(profile, plan, n_trainable: int, adapter_only: bool, frozen
 
 
 def _evaluate(trainer, eval_loader, run) -> dict:
-    from .engine import evaluate
-
     return evaluate(trainer.model, eval_loader, run.task, run.device, run.cfg.train.bf16)
 
 
 def run_worker(spec: dict) -> dict:
     """One method on one model at one precision (see the module docstring); writes ``spec['result']``."""
-    from transformers.utils import logging as hf_logging
-
-    from .costmodel import predicted_speedup
-    from .engine import Trainer
-    from .engine.trainer import BatchStream
-    from .plan import max_batch, measure_method, predict
-    from .run import Run
-
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
     work = Path(spec["workdir"])
     cfg, mcfg = _resolve_worker(spec, spec["batch_size"], work / "run")
-    run = Run(cfg, mcfg, log=print)
+    run = Run(cfg, mcfg, log=print, splits=tokenized_splits(cfg))
     train_loader, eval_loader = run.loaders()
     trainer = Trainer(run.model, run.method, cfg.train, BatchStream(train_loader), device=run.device)
     clock = PhaseClock(trainer)
@@ -377,10 +371,8 @@ def run_worker(spec: dict) -> dict:
     profile = _load_profile(spec["profile"])
     method = run.method
     ran = {i: plans[i] for i in range(1, min(steps, len(plans)))} or {0: plans[0]}
-    replay = type("Replay", (), {"plan": lambda self, s: ran[s + min(ran)], "parameters": staticmethod(method.parameters),
-                                 "adapter_only": method.adapter_only})()
     frozen_eval = not cfg.train.frozen_dropout
-    pred = predicted_speedup(profile, replay, len(ran), frozen_eval=frozen_eval)
+    pred = predicted_speedup(profile, method, list(ran.values()), frozen_eval=frozen_eval)
     by_plan = {p: predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in set(ran.values())}
     pred["phases"] = {k: statistics.fmean(by_plan[p][k] for p in ran.values()) for k in ("forward", "backward", "optimizer", "total")}
     # Counted FLOPs of one more step on the first timed step's plan (after the quality run: it does not
@@ -392,7 +384,7 @@ def run_worker(spec: dict) -> dict:
                  matrix_rate=spec.get("matrix_rate"))
     result = {
         "label": spec["label"], "method": method.name, "method_config": dataclasses.asdict(mcfg), "precision": spec["precision"],
-        "command": spec["command"], "task": run.task, "metric": metric,
+        "command": spec["command"], "task": run.task, "metric": metric, "unmodelled": dict(method.unmodelled),
         "equal_batch": {
             "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": len(timed),
             "tokens_per_s": tokens / step_seconds, "step_seconds": step_seconds / len(timed),
@@ -432,18 +424,7 @@ def run_worker(spec: dict) -> dict:
 
 def run_scaling(spec: dict) -> None:
     """Step time and training memory of one method over the depth, length and batch axes."""
-
-    from .anatomy import find_anatomy
-    from .engine import Trainer
-    from .methods import create_method, method_config
-    from .methods.base import RunContext
-    from .plan import _repeat, _synthetic_batch
-
     torch.set_num_threads(spec["threads"])
-    from transformers import AutoModelForCausalLM
-
-    from .config import TrainConfig
-
     out = {}
     for axis, values in spec["axes"].items():
         rows = []
@@ -452,17 +433,12 @@ def run_scaling(spec: dict) -> None:
             torch.manual_seed(0)
             # A small vocabulary: the blocks, not the output layer, dominate the step.
             model = AutoModelForCausalLM.from_config(tiny_config("llama", size["depth"], vocab=1000, positions=max(512, size["seq_len"])))
-            anatomy = find_anatomy(model)
             raw = dict(spec["method"])
             if raw["name"] == "lift":
                 raw["switch_every"] = 1
-            method = create_method(method_config(raw), anatomy, task="causal_lm", seed=0, max_steps=10**6)
-            method.context = RunContext(device=torch.device("cpu"), task="causal_lm")
-            prepared = method.prepare(model)
-            if prepared is not model:
-                method.anatomy = find_anatomy(prepared)
+            method, prepared = setup(method_config(raw), model, task="causal_lm", max_steps=10**6)
             tcfg = TrainConfig(max_steps=10**6, batch_size=size["batch"], warmup_steps=0, progress=False, device="cpu")
-            trainer = Trainer(prepared, method, tcfg, _repeat(_synthetic_batch(prepared, "causal_lm", size["batch"], size["seq_len"])),
+            trainer = Trainer(prepared, method, tcfg, repeat_batch(synthetic_batch(prepared, "causal_lm", size["batch"], size["seq_len"])),
                               device=torch.device("cpu"))
             times = []
             n = spec["steps"]
@@ -479,8 +455,6 @@ def run_scaling(spec: dict) -> None:
 
 def fit(rows: list[dict]) -> dict:
     """Least-squares slopes of step time and training memory over the axis value."""
-    import numpy as np
-
     x = np.array([r["x"] for r in rows], dtype=float)
     t = np.array([r["step_seconds"] for r in rows])
     m = np.array([r["memory"]["total"] for r in rows], dtype=float)
@@ -493,7 +467,6 @@ def fit(rows: list[dict]) -> dict:
 
 
 def _machine() -> dict:
-
     cpu = platform.processor() or ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -521,59 +494,26 @@ def _labels(methods: str | None) -> list[tuple[str, dict]]:
 
 
 def _preload() -> None:
-    """Import once in the driver what every worker needs, and keep loaded (untokenized) data splits:
-    forked workers inherit both, so each pays only for its own model and measurements."""
-    import importlib
-
-    from . import run
-
-    for name in ("datasets", "peft", "layerwise.methods.ist", "layerwise.methods.meft", "layerwise.methods.salf", "layerwise.probe",
-                 "layerwise.plan", "layerwise.costmodel", "layerwise.profile_cli", "transformers.models.bert.modeling_bert",
-                 "transformers.models.llama.modeling_llama"):
+    """Import in the driver the model code every worker runs (transformers imports it lazily): forked workers inherit it."""
+    for name in ("transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama"):
         importlib.import_module(name)
-    _memoize(run, "load_splits", lambda cfg, task: (repr(cfg), task))
-    # Same splits object, same tokenizer files and special tokens, same data settings: same tokens.
-    _memoize(run, "tokenize_splits", lambda splits, tok, cfg, task: (id(splits), tok.name_or_path, tok.pad_token, tok.eos_token,
-                                                                      len(tok), repr(cfg), task))
 
 
-def _memoize(module, name: str, key) -> None:
-    fn = getattr(module, name)
-    if getattr(fn, "suite_cache", None) is not None:
-        return
-    cache: dict = {}
-
-    def cached(*args):
-        k = key(*args)
-        if k not in cache:
-            cache[k] = fn(*args)
-        return cache[k]
-
-    cached.suite_cache = cache
-    setattr(module, name, cached)
+#: Tokenized splits by (model, data settings, task). The driver fills it before forking, so every worker inherits them.
+_SPLITS: dict[tuple, Splits] = {}
 
 
-def _warm_data(spec: dict) -> None:
-    """Load and tokenize the worker's data in the driver (kept by :func:`_preload`'s caches) before forking."""
-    from . import run
-    from .models import default_task_for, resolve_model_path
-
-    from transformers import AutoTokenizer
-
-    from .models import _ensure_pad
-
-    cfg, _ = _resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))
-    task = default_task_for(resolve_model_path(cfg.model))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), local_files_only=True)
-    _ensure_pad(tokenizer, cfg.model)
-    run.tokenize_splits(run.load_splits(cfg.data, task), tokenizer, cfg.data, task)
+def tokenized_splits(cfg) -> Splits:
+    """The tokenized data of run config ``cfg``, loaded once per process."""
+    task = cfg.task or default_task_for(resolve_model_path(cfg.model))
+    key = (cfg.model, repr(cfg.data), task)
+    if key not in _SPLITS:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        _SPLITS[key] = tokenize_splits(load_splits(cfg.data, task), tokenizer, cfg.data, task)
+    return _SPLITS[key]
 
 
 def run_suite(args) -> dict:
-    from .bench import _method_raw, _num_blocks
-    from .plan import method_defaults
-    from .profile_cli import main as profile_main
-
     if args.suite != "paper":
         raise ConfigError(f"--suite '{args.suite}': the only suite is 'paper'")
     out = Path(args.output)
@@ -604,7 +544,7 @@ def run_suite(args) -> dict:
         (out / sub).mkdir()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     command = "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "layerwise bench --suite paper"
-    report = {"command": command, "quick": bool(args.quick), "machine": {**_machine(), "device": device}, "methods": [l for l, _ in labels],
+    report = {"command": command, "quick": bool(args.quick), "machine": {**_machine(), "device": device}, "methods": [label for label, _ in labels],
               "precisions": precisions, "skipped_precisions": skipped, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
     t_start = time.perf_counter()
     for model in models:
@@ -612,8 +552,12 @@ def run_suite(args) -> dict:
         if model.startswith("tiny-"):
             path = str(out / "models" / model)
             in_process(build_tiny, out / "logs" / f"{model}-build.log", model, Path(path))
+        else:
+            # A packaged GGUF model is converted on first use, with torch's thread pools: in a child, because a
+            # driver that used them hangs its forked workers (seen on a fresh machine's first SmolLM2 run).
+            in_process(resolve_model_path, out / "logs" / f"{model}-resolve.log", path)
         size = preset["tiny" if model.startswith("tiny-") else model]
-        num_blocks = _num_blocks(path)
+        num_blocks = count_blocks(path)
         entry = {"model": model, "model_path": path, "data": MODELS[model], "num_blocks": num_blocks, **size,
                  "max_steps": int(preset["max_steps_factor"] * size["steps"]),
                  "budget_batch": 8, "profiles": {}, "runs": {}}
@@ -622,28 +566,24 @@ def run_suite(args) -> dict:
             # Cost model: one profiled full fine-tuning step at this batch, length and precision.
             cfg_dir = out / "specs" / f"{model}-{prec}"
             cfg_dir.mkdir()
-            import yaml
-
             base = {"model": path, "data": {"source": MODELS[model], "max_length": size["seq_len"], "padding": "max_length",
                                              "max_train_samples": size["train_samples"]},
                     "train": {"batch_size": size["batch_size"], "bf16": prec == "bf16", "device": device}, "method": {"name": "full"}}
             (cfg_dir / "full.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
             prof_path = out / "results" / f"{model}-{prec}-profile.json"
-            argv = ["layerwise.profile_cli", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(prof_path)]
             print(f"[{model} {prec}] profiling the cost model ...", flush=True)
-            in_process(_with_argv(profile_main, argv), out / "logs" / f"{model}-{prec}-profile.log")
-            entry["profiles"][prec] = {"path": str(prof_path.relative_to(out)), "command": "python -m " + " ".join(shlex.quote(a) for a in argv)}
+            base_cfg, _ = resolve(base)
+            in_process(profile_methods, out / "logs" / f"{model}-{prec}-profile.log", cfg_dir / "full.yaml", ["full"], 2, prof_path,
+                       tokenized_splits(base_cfg))
+            command = ["layerwise", "measure", "profile", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(prof_path)]
+            entry["profiles"][prec] = {"path": str(prof_path.relative_to(out)), "command": " ".join(shlex.quote(a) for a in command)}
             rate_path = out / "results" / f"{model}-{prec}-matrix-rate.json"
             in_process(_write_matrix_rate, out / "logs" / f"{model}-{prec}-matrix-rate.log", rate_path, device, prec, threads)
             entry.setdefault("matrix_rate", {})[prec] = rate = json.loads(rate_path.read_text())
             runs = entry["runs"][prec] = {}
             budget_time = budget_mem = None
             for label, mraw in labels:
-                raw = _method_raw({"method": mraw}, mraw["name"], size["steps"], num_blocks, variant=mraw)["method"]
-                if raw == {"name": "freeze"}:
-                    raw = method_defaults("freeze", num_blocks)
-                if raw["name"] == "lisa":
-                    raw.setdefault("switch_every", max(1, size["steps"] // max(1, num_blocks // raw.get("k", 2))))
+                raw = method_raw({"method": mraw}, mraw["name"], size["steps"], num_blocks, variant=mraw)["method"]
                 if raw["name"] == "salf":
                     raw.setdefault("samples", preset["salf_samples"])
                 if raw["name"] == "ist" and size.get("ist_probe_every"):
@@ -656,9 +596,9 @@ def run_suite(args) -> dict:
                         "time_budget": budget_time, "max_steps": int(preset["max_steps_factor"] * size["steps"]), "memory_budget": budget_mem, "budget_batch": 8,
                         "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
-                        "command": f"python -m layerwise.suite worker {spec_path}"}
+                        "command": f"layerwise measure worker {spec_path}"}
                 spec_path.write_text(json.dumps(spec, indent=2))
-                _warm_data(spec)
+                tokenized_splits(_resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))[0])  # loaded here, inherited by the worker
                 t0 = time.perf_counter()
                 print(f"[{model} {prec}] {label} ...", end=" ", flush=True)
                 in_process(run_worker, out / "logs" / f"{name}.log", spec)
@@ -676,12 +616,8 @@ def run_suite(args) -> dict:
     report["wall_seconds"] = time.perf_counter() - t_start
     report["machine"]["load_average_end"] = os.getloadavg()
     (out / "suite.json").write_text(json.dumps(report, indent=2))
-    from .suite_report import render
-
     (out / "report.md").write_text(render(report, out))
     if getattr(args, "docs", None):
-        from .suite_report import write_docs
-
         write_docs(report, out, Path(args.docs))
         print(f"docs: {args.docs}")
     print(f"report: {out / 'report.md'} ({report['wall_seconds']:.0f} s)")
@@ -690,7 +626,6 @@ def run_suite(args) -> dict:
 
 def _suite_device(name: str | None) -> str:
     """cpu or cuda; by default cuda when torch sees one (the driver does not initialize CUDA: workers are forked)."""
-
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):
@@ -701,17 +636,8 @@ def _suite_device(name: str | None) -> str:
 
 
 def _write_matrix_rate(path: Path, device: str, precision: str, threads: int) -> None:
-
     torch.set_num_threads(threads)
     path.write_text(json.dumps(matrix_rate(device, precision), indent=2))
-
-
-def _with_argv(fn, argv: list[str]):
-    def call():
-        sys.argv = list(argv)
-        fn()
-
-    return call
 
 
 def _scaling(out: Path, preset: dict, threads: int, report: dict) -> dict:
@@ -725,20 +651,5 @@ def _scaling(out: Path, preset: dict, threads: int, report: dict) -> dict:
         spec_path.write_text(json.dumps(spec, indent=2))
         print(f"[scaling] {name} ...", flush=True)
         in_process(run_scaling, out / "logs" / f"scaling-{name}.log", spec)
-        result["methods"][name] = {"command": f"python -m layerwise.suite scaling {spec_path}", **json.loads(Path(spec["result"]).read_text())}
+        result["methods"][name] = {"command": f"layerwise measure scaling {spec_path}", **json.loads(Path(spec["result"]).read_text())}
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m layerwise.suite worker|scaling SPEC.json``: one suite measurement alone."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("worker", "scaling"):
-        raise SystemExit("usage: python -m layerwise.suite worker|scaling SPEC.json")
-    spec = json.loads(Path(argv[1]).read_text())
-    (run_worker if argv[0] == "worker" else run_scaling)(copy.deepcopy(spec))
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    main()

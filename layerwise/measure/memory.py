@@ -17,32 +17,38 @@ How the prediction is made (docs/beyond.md):
   step counter for it. The total is the same sum summary.json's ``memory.total`` reports; it does not
   include the framework's own working memory (allocator slack, temporary buffers inside kernels).
 * Largest batch: ``floor((budget - weights - grads - optimizer - a0) / slope)``.
-* tokens/s: one profiled full fine-tuning step at batch 1 (:func:`layerwise.costmodel.profile_model`)
+* tokens/s: one profiled full fine-tuning step at batch 1 (:func:`layerwise.measure.costmodel.profile_model`)
   gives per-block forward/backward times; a method's step time at batch ``B`` is its compute time
   from :meth:`Profile.predict` scaled by ``B`` plus the optimizer time of its trainable parameters.
-  MEFT's reversible backward (it recomputes block inputs) is not in the cost model: not predicted.
+  A method that declares work the cost model does not charge (``Method.unmodelled``: MEFT's
+  reversible backward, IST's importance loop) gets no tokens/s prediction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
 import torch
 
+from layerwise.anatomy import find_anatomy
+from layerwise.config import resolve
+from layerwise.engine import Trainer, resolve_device
+from layerwise.errors import ConfigError
+from layerwise.measure.costmodel import profile_model
+from layerwise.methods import METHODS, RunContext, method_config, names_where, setup
+from layerwise.models import default_task_for, load_model_and_tokenizer, resolve_model_path
+
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-DEFAULT_METHODS = ("full", "freeze", "lift", "lisa", "lora", "meft", "ist", "salf")
 COMPONENTS = ("weights", "grads", "optimizer", "activations")
-_NOT_PREDICTED_SPEED = {"meft": "reversible backward recomputes block inputs; the cost model does not model it",
-                        "ist": "IST's importance loop (extra forward passes) is not in the cost model"}
 
 
 def parse_memory(text: str) -> int:
     """'8GiB', '7.5 GB', '512MiB', '1e9' -> bytes."""
-    from .errors import ConfigError
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in UNITS:
         raise ConfigError(f"--memory '{text}' is not a size: write e.g. 8GiB, 16GB or 512MiB")
@@ -52,22 +58,18 @@ def parse_memory(text: str) -> int:
     return n
 
 
-def _fmt(n: float | None) -> str:
+def _short_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     return f"{n / 2**30:.2f}G" if abs(n) >= 2**30 else f"{n / 2**20:.1f}M"
 
 
 def method_defaults(name: str, num_blocks: int) -> dict:
-    """Config for ``name`` when the user gives none: what needs a choice gets a stated one."""
-    if name == "freeze":
-        return {"name": name, "top": max(1, num_blocks // 4)}
-    if name == "salf":
-        return {"name": name, "budget": 0.5}  # the cut from the cost model alone (no probe data needed)
-    return {"name": name}
+    """Config for ``name`` when the user gives none: what needs a choice gets a stated one (no training data here)."""
+    return {"name": name, **METHODS[name].stated_defaults(num_blocks, with_data=False)}
 
 
-def _synthetic_batch(model, task: str, batch: int, seq: int, seed: int = 0) -> dict:
+def synthetic_batch(model, task: str, batch: int, seq: int, seed: int = 0) -> dict:
     cfg = getattr(model.config, "text_config", None) or model.config
     vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +84,7 @@ def _synthetic_batch(model, task: str, batch: int, seq: int, seed: int = 0) -> d
     return out
 
 
-def _repeat(batch: dict):
+def repeat_batch(batch: dict):
     while True:
         yield {k: v.clone() for k, v in batch.items()}
 
@@ -95,8 +97,6 @@ def _plan_steps(max_steps: int) -> list[int]:
 
 def _walk_plans(method, max_steps: int):
     """(deepest step, params of the largest trainable set, distinct plans with their step counts)."""
-    import random
-
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     deepest, deepest_key = 0, None
     best_params: list = []
@@ -126,44 +126,26 @@ def _walk_plans(method, max_steps: int):
 
 
 def _load(cfg, task: str, num_labels: int | None):
-    from .anatomy import find_anatomy
-    from .models import load_model_and_tokenizer
-
     model, tokenizer, info = load_model_and_tokenizer(cfg.model, task, num_labels=num_labels, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer, info, find_anatomy(model, cfg.blocks)
 
 
 def measure_method(cfg, mraw: dict, task: str, seq: int, *, num_labels: int | None = None, log=print) -> dict:
     """One method: predicted memory components (activations affine in the batch) from two real steps."""
-    from .anatomy import find_anatomy
-    from .engine import Trainer, resolve_device
-    from .methods import create_method, method_config
-    from .methods.base import RunContext
-
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, info, anatomy = _load(cfg, task, num_labels)
     mcfg = method_config(mraw)
-    method = create_method(mcfg, anatomy, task=task, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
     device = resolve_device(cfg.train.device)
-    method.context = RunContext(tokenizer=tokenizer, device=device, task=task)
-    skip_probe = mcfg.name == "salf" and method.probe is None and getattr(mcfg, "budget", None) is not None
-    if skip_probe:
-        method.probe = {}  # the cut comes from the budget (cost model): no probe data needed to plan
-    prepared = method.prepare(model)
-    if skip_probe:
-        method.probe = None
-    if prepared is not model:
-        method.anatomy = find_anatomy(prepared, cfg.blocks)
-    model = prepared
+    # No training data here: a method that would probe it (salf) plans from its budget.
+    method, model = setup(mcfg, model, task=task, blocks=cfg.blocks, seed=cfg.train.seed, max_steps=cfg.train.max_steps,
+                          context=RunContext(tokenizer=tokenizer, device=device), anatomy=anatomy)
     deepest, largest, plan_counts = _walk_plans(method, cfg.train.max_steps)
     tcfg = cfg.train
-    import dataclasses
-
     tcfg = dataclasses.replace(tcfg, grad_accum=1, gradient_checkpointing=tcfg.gradient_checkpointing)
     measured = {}
     trainer = None
     for b in (1, 2):
-        trainer = Trainer(model, method, tcfg, _repeat(_synthetic_batch(model, task, b, seq, seed=b)), device=device)
+        trainer = Trainer(model, method, tcfg, repeat_batch(synthetic_batch(model, task, b, seq, seed=b)), device=device)
         trainer.step_index = deepest
         rec = trainer.train_step()
         measured[b] = dict(rec.bytes)
@@ -185,7 +167,7 @@ def measure_method(cfg, mraw: dict, task: str, seq: int, *, num_labels: int | No
         "deepest_plan": plan.describe(),
         "trainable_max": int(sum(p.numel() for p in largest)),
         "_plans": plan_counts,
-        "_adapter_only": bool(getattr(method, "adapter_only", False)),
+        "_adapter_only": method.adapter_only,
         "_method": method,
     }
     del trainer, model
@@ -208,11 +190,9 @@ def max_batch(entry: dict, budget: int, limit: int = 1 << 20) -> int:
 
 
 def _profile(cfg, task: str, seq: int, num_labels: int | None):
-    from .costmodel import profile_model
-
     torch.manual_seed(cfg.train.seed)
     model, _, _, anatomy = _load(cfg, task, num_labels)
-    batch = _synthetic_batch(model, task, 1, seq)
+    batch = synthetic_batch(model, task, 1, seq)
     return profile_model(model, anatomy, batch, reps=2, bf16=cfg.train.bf16)
 
 
@@ -230,10 +210,6 @@ def tokens_per_s(profile, entry: dict, batch: int, seq: int, profile_batch: int 
 
 def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | None, batch_size: int | None,
                  output: str | None, speed: bool = True, method_overrides: dict | None = None, log=print) -> dict:
-    from .config import resolve
-    from .errors import ConfigError
-    from .methods.registry import METHODS
-    from .models import default_task_for, resolve_model_path
 
     budget = parse_memory(memory)
     raw = dict(raw)
@@ -242,15 +218,14 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
     seq = int(seq_len or cfg.data.max_length)
     if seq < 2:
         raise ConfigError(f"--seq-len {seq} is too small: use at least 2 tokens")
-    names = [m.strip() for m in (methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
+    # Every registered method by default, the full fine-tuning baseline first.
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else names_where(lambda m: True)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method '{unknown[0]}': choose from {', '.join(sorted(METHODS))}")
     task = cfg.task or default_task_for(resolve_model_path(cfg.model))
     num_labels = 2 if task == "classification" else None
     # Number of blocks for the defaults (freeze top quarter).
-    from .anatomy import find_anatomy
-    from .models import load_model_and_tokenizer
 
     probe_model, _, info = load_model_and_tokenizer(cfg.model, task, num_labels=num_labels, trust_remote_code=cfg.trust_remote_code)
     num_blocks = find_anatomy(probe_model, cfg.blocks).num_blocks
@@ -272,12 +247,13 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
         entry["predicted"] = predict(entry, batch)
         entry["max_batch"] = max_batch(entry, budget)
         entry["fits"] = entry["predicted"]["total"] <= budget
-        if profile is not None and name not in _NOT_PREDICTED_SPEED:
+        unmodelled = METHODS[name].unmodelled
+        if profile is not None and not unmodelled:
             entry["tokens_per_s"] = tokens_per_s(profile, entry, batch, seq)
             entry["tokens_per_s_at_max_batch"] = tokens_per_s(profile, entry, entry["max_batch"], seq) if entry["max_batch"] else None
         else:
             entry["tokens_per_s"] = None
-            entry["tokens_per_s_note"] = _NOT_PREDICTED_SPEED.get(name, "not profiled (--no-speed)")
+            entry["tokens_per_s_note"] = ("; ".join(unmodelled.values()) + ": not in the cost model") if unmodelled else "not profiled (--no-speed)"
         rows[name] = entry
     result = {
         "model": cfg.model,
@@ -310,7 +286,7 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
 def format_table(result: dict) -> str:
     b = result["batch_size"]
     head = (f"model {result['model']} ({result['model_info']['num_parameters'] / 1e6:.1f}M parameters, {result['num_blocks']} blocks), "
-            f"length {result['seq_len']}, budget {_fmt(result['budget_bytes'])}, predicted peak training memory at batch {b}:")
+            f"length {result['seq_len']}, budget {_short_bytes(result['budget_bytes'])}, predicted peak training memory at batch {b}:")
     cols = ["method", "weights", "grads", "optim", "activ", "total", "fits", "max batch", "tok/s", "tok/s@max"]
     lines = [head, "  ".join(f"{c:>9}" for c in cols)]
     for name, e in result["methods"].items():
@@ -320,7 +296,7 @@ def format_table(result: dict) -> str:
         p = e["predicted"]
         tps = e.get("tokens_per_s")
         tpm = e.get("tokens_per_s_at_max_batch")
-        vals = [name, _fmt(p["weights"]), _fmt(p["grads"]), _fmt(p["optimizer"]), _fmt(p["activations"]), _fmt(p["total"]),
+        vals = [name, _short_bytes(p["weights"]), _short_bytes(p["grads"]), _short_bytes(p["optimizer"]), _short_bytes(p["activations"]), _short_bytes(p["total"]),
                 "yes" if e["fits"] else "no", str(e["max_batch"]), f"{tps:.0f}" if tps else "-", f"{tpm:.0f}" if tpm else "-"]
         lines.append("  ".join(f"{v:>9}" for v in vals))
     return "\n".join(lines)

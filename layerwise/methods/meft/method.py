@@ -1,7 +1,7 @@
 """``meft``: memory-efficient fine-tuning with reversible adapters (Liao, Tan, Monz; NeurIPS 2023).
 
 Adapters turn the pretrained blocks into two-stream reversible couplings (see
-:mod:`layerwise.reversible` and ``docs/meft.md``)::
+:mod:`layerwise.methods.meft.reversible` and ``docs/meft.md``)::
 
     y1 = lam * x1 + F(x2);   y2 = beta * x2 + G(y1)
 
@@ -26,7 +26,6 @@ every k blocks so reconstruction chains stay short (float32 error grows about 10
 
 from __future__ import annotations
 
-import json
 import types
 import warnings
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
-from ..reversible import Adapter, ReversibleStack, RevLayer, rel_error
-from .base import Method, Plan
-from .registry import register
+from layerwise.errors import ConfigError, ModelError
+from layerwise.methods.base import Method, Plan
+from layerwise.methods.meft.reversible import Adapter, ReversibleStack, RevLayer
+from layerwise.methods.registry import register
 
 #: Default anchor spacing by precision and variant, chosen from the measurements in docs/meft.md:
 #: float32 MEFT1/2 every 2 blocks (gradients within ~3e-6 of autograd on MiniLM and SmolLM2),
@@ -338,6 +337,7 @@ class Meft(Method):
     name = "meft"
     Config = MeftConfig
     adapter_only = True
+    unmodelled = {"backward": "reversible backward: block inputs recomputed from outputs"}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
@@ -345,6 +345,7 @@ class Meft(Method):
             self.check_blocks(config.reversible_layers, "method.reversible_layers")
         self.runner: MeftRunner | None = None
         self.messages: list[str] = []
+        self.train_head = config.train_head if config.train_head is not None else self.task == "classification"
 
     def _log(self, msg: str) -> None:
         self.messages.append(msg)
@@ -354,18 +355,14 @@ class Meft(Method):
         torch.manual_seed(self.seed)
         self.runner = apply_meft(model, self.config, log=self._log)
         params = adapter_parameters(model)
-        train_head = self.config.train_head
-        if train_head is None:
-            train_head = getattr(self, "task", "classification") == "classification"
-        self.train_head = train_head
         self.adapter_params = {id(p) for p in params}
-        if train_head:
+        if self.train_head:
             self.adapter_params |= {id(p) for p in self.anatomy.head_parameters()}
         return model
 
     def plan(self, step: int) -> Plan:
         blocks = tuple(layer.index for layer in self.runner.stack.layers) if self.runner else tuple(range(self.num_blocks))
-        return Plan(blocks, embeddings=False, head=bool(getattr(self, "train_head", True)))
+        return Plan(blocks, embeddings=False, head=self.train_head)
 
     def log_values(self) -> dict:
         if self.runner is None or not self.runner.stack.errors:
@@ -390,158 +387,3 @@ class Meft(Method):
                 "anchor_tightened": stack.tightened,
             }
         }
-
-
-# ------------------------------------------------------------------------------------------
-# Measurements (docs/meft.md): reconstruction error by depth and saved-for-backward bytes.
-def _inputs(model, tokenizer, batch: int, length: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    vocab = min(model.config.vocab_size, len(tokenizer) if tokenizer is not None else model.config.vocab_size)
-    ids = torch.randint(100, vocab - 1, (batch, length), generator=g)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if model.config.model_type == "bert":
-        out["labels"] = torch.zeros(batch, dtype=torch.long)
-    else:
-        out["labels"] = ids.clone()
-    return out
-
-
-def reconstruction_report(model="minilm", task=None, *, variants=(1, 2, 3), batch: int = 2, length: int = 32,
-                          precisions=("fp32", "bf16"), seed: int = 0) -> dict:
-    """Relative error of the reconstructed block inputs after reconstructing 1, 2, ... blocks
-    from the top, with no anchors (check mode), adapters at their initialisation, dropout off.
-
-    Returns ``{"fp32": {1: [err after 1 block, 2 blocks, ...], 2: [...], ...}, "bf16": {...}}``
-    (bf16 = bf16 autocast, coupling arithmetic in fp32).
-    """
-    import copy
-
-    from ..models import default_task_for, load_model_and_tokenizer, resolve_model_path
-
-    if isinstance(model, str):
-        task = task or default_task_for(resolve_model_path(model))
-        base_model, tokenizer, _ = load_model_and_tokenizer(model, task)
-    else:
-        base_model, tokenizer = model, None
-    report: dict = {}
-    for prec in precisions:
-        report[prec] = {}
-        for v in variants:
-            m = copy.deepcopy(base_model)
-            torch.manual_seed(seed)
-            cfg = MeftConfig(variant=v, anchor_every=0, check=True, max_reconstruction_error=None, dropout=0.0)
-            runner = apply_meft(m, cfg)
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-            for p in adapter_parameters(m):
-                p.requires_grad_(True)
-            batch_t = _inputs(m, tokenizer, batch, length, seed)
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else torch.autocast("cpu", enabled=False)
-            with ctx:
-                out = m(**batch_t)
-            out.loss.backward()
-            errs = runner.stack.errors
-            report[prec][v] = [errs[i] for i in sorted(errs, reverse=True)]
-            del m
-    return report
-
-
-def gradient_error_report(model="minilm", *, variants=(1, 2, 3), anchors=(0, 2, 3), batch: int = 2, length: int = 32,
-                          seed: int = 0) -> dict:
-    """Relative error of the adapter gradients of the reversible backward against ordinary
-    autograd on the same network (same dropout masks), for each variant and ``anchor_every``.
-    Returns ``{variant: {anchor_every: relative error}}``."""
-    import copy
-
-    from ..models import default_task_for, load_model_and_tokenizer, resolve_model_path
-
-    if isinstance(model, str):
-        base_model, tokenizer, _ = load_model_and_tokenizer(model, default_task_for(resolve_model_path(model)))
-    else:
-        base_model, tokenizer = model, None
-    batch_t = _inputs(base_model, tokenizer, batch, length, seed)
-
-    def grads(v, k, rev):
-        m = copy.deepcopy(base_model)
-        torch.manual_seed(seed)
-        apply_meft(m, MeftConfig(variant=v, anchor_every=k, reversible_backward=rev, max_reconstruction_error=None))
-        m.train()
-        for p in m.parameters():
-            p.requires_grad_(False)
-        ps = adapter_parameters(m)
-        for p in ps:
-            p.requires_grad_(True)
-        torch.manual_seed(seed + 1)
-        m(**batch_t).loss.backward()
-        return torch.cat([p.grad.flatten() for p in ps])
-
-    out: dict = {}
-    for v in variants:
-        ref = grads(v, 0, False)
-        out[v] = {k: float((grads(v, k, True) - ref).norm() / ref.norm()) for k in anchors}
-    return out
-
-
-def saved_bytes_report(model="minilm", *, batch: int = 32, length: int = 128, variant: int = 1,
-                       anchor_every: int | None = None, reversible_layers=None) -> dict:
-    """Bytes saved for backward by one training forward (``SavedTensorMeter``) for ``full``
-    fine-tuning and for ``meft`` on the same batch."""
-    import copy
-
-    from ..engine.meter import SavedTensorMeter
-    from ..models import default_task_for, load_model_and_tokenizer, resolve_model_path
-
-    if isinstance(model, str):
-        task = default_task_for(resolve_model_path(model))
-        base_model, tokenizer, _ = load_model_and_tokenizer(model, task)
-    else:
-        base_model, tokenizer = model, None
-    batch_t = _inputs(base_model, tokenizer, batch, length)
-    result = {}
-    for name in ("full", "meft"):
-        m = copy.deepcopy(base_model)
-        m.train()
-        if name == "meft":
-            apply_meft(m, MeftConfig(variant=variant, anchor_every=anchor_every, reversible_layers=reversible_layers))
-            for p in m.parameters():
-                p.requires_grad_(False)
-            for p in adapter_parameters(m):
-                p.requires_grad_(True)
-        meter = SavedTensorMeter(m)
-        with meter.track():
-            out = m(**batch_t)
-        result[name] = meter.last_bytes
-        del out, m
-    result["reduction"] = 1.0 - result["meft"] / result["full"]
-    return result
-
-
-def main(argv=None) -> None:  # python -m layerwise.methods.meft errors|grads|memory [MODEL]
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m layerwise.methods.meft")
-    ap.add_argument("what", choices=["errors", "grads", "memory"])
-    ap.add_argument("model", nargs="?", default="minilm")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--length", type=int, default=None)
-    ap.add_argument("--variants", default="1,2,3")
-    args = ap.parse_args(argv)
-    if args.what == "errors":
-        rep = reconstruction_report(args.model, batch=args.batch or 2, length=args.length or 32,
-                                    variants=tuple(int(v) for v in args.variants.split(",")))
-        for prec, by_v in rep.items():
-            for v, errs in by_v.items():
-                print(f"{prec} MEFT{v}: " + ", ".join(f"{e:.1e}" for e in errs))
-    elif args.what == "grads":
-        rep = gradient_error_report(args.model, batch=args.batch or 2, length=args.length or 32,
-                                    variants=tuple(int(v) for v in args.variants.split(",")))
-        for v, by_k in rep.items():
-            print(f"MEFT{v}: " + ", ".join(f"anchor_every={k}: {e:.1e}" for k, e in by_k.items()))
-    else:
-        rep = saved_bytes_report(args.model, batch=args.batch or 32, length=args.length or 128)
-        print(json.dumps(rep))
-
-
-if __name__ == "__main__":
-    main()

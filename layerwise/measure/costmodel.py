@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .methods import Method, Plan
+from layerwise.engine.optim import fused_supported
+from layerwise.methods import Method, Plan
 
 
 def _now() -> float:
@@ -194,7 +195,6 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
     for i, b in enumerate(blocks):
         handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(b.register_forward_hook(post(i), with_kwargs=True))
-    from .engine.optim import fused_supported
 
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6, fused=fused_supported(device) or None)  # as the engine's
     ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
@@ -274,14 +274,13 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
     )
 
 
-def predicted_speedup(profile: Profile, method: Method, steps: int, frozen_eval: bool = False) -> dict:
-    """Ideal tokens/s ratio of ``method`` over full fine-tuning, averaged over its plans for ``steps`` steps."""
+def predicted_speedup(profile: Profile, method: Method, plans: list[Plan], frozen_eval: bool = False) -> dict:
+    """Ideal tokens/s ratio of ``method`` over full fine-tuning, averaged over the steps' ``plans``."""
     full_plan = Plan(tuple(range(len(profile.backward_blocks))), embeddings=True, head=True)
     t_full = profile.predict(full_plan, profile.total_params)
     times = []
     cache: dict = {}
-    for s in range(steps):
-        plan = method.plan(s)
+    for plan in plans:
         if plan not in cache:
             n = sum(p.numel() for p in method.parameters(plan))
             cache[plan] = profile.predict(plan, n, adapter_only=method.adapter_only, frozen_eval=frozen_eval)

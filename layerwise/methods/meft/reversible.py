@@ -29,16 +29,15 @@ ones and the relative error is recorded in :attr:`ReversibleStack.errors`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import LayerwiseError
+from layerwise.errors import LayerwiseError
 
 
 class ReconstructionError(LayerwiseError, FloatingPointError):

@@ -20,12 +20,17 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from layerwise.config import resolve
+from layerwise.errors import ConfigError
+from layerwise.measure.report import fmt
+from layerwise.methods import METHODS
+from layerwise.models import count_blocks
+from layerwise.preflight import inside
 
-BENCH_DEFAULTS = {"freeze": {"top": 2}}
 
-
-def _method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict | None = None) -> dict:
+def method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict | None = None) -> dict:
+    """The config of one compared entry: ``base`` with the method's own keys (``method.*`` for the method they
+    name, or the entry's ``methods.<label>.*`` variant), its stated defaults and a schedule that covers the stack."""
     raw = copy.deepcopy(base)
     method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
     # Method-specific keys given for the bench apply only to the method they name.
@@ -38,27 +43,13 @@ def _method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dic
             if not isinstance(own_train, dict):
                 raise ConfigError(f"methods.<label>.train must be a mapping of train keys, e.g. methods.lora.train.lr=1e-3; got {own_train!r}")
             raw.setdefault("train", {}).update(own_train)
-    # The bench's defaults fill in only when no per-entry settings were given.
-    m = {"name": name, **(BENCH_DEFAULTS.get(name, {}) if variant is None else {}), **extra}
-    if name == "lift" and "switch_every" not in m:
-        # One pass of the whole schedule within the run: every block active equally often.
-        groups = -(-num_blocks // m.get("k", 1))
-        m["switch_every"] = max(1, steps // groups)
-    raw["method"] = m
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))} (--methods)")
+    cls = METHODS[name]
+    # The stated defaults fill in only when no per-entry settings were given.
+    given = extra if variant is not None else {**cls.stated_defaults(num_blocks, with_data=True), **extra}
+    raw["method"] = {"name": name, **cls.fit_schedule(num_blocks, steps, given), **given}
     return raw
-
-
-def _num_blocks(model_spec: str) -> int:
-    from transformers import AutoConfig
-
-    from .models import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(model_spec), local_files_only=True)
-    config = getattr(config, "text_config", None) or config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ConfigError(f"cannot read the number of layers of '{model_spec}'")
 
 
 def _run(cmd: list[str], log_path: Path) -> None:
@@ -70,9 +61,6 @@ def _run(cmd: list[str], log_path: Path) -> None:
 
 
 def run_bench(args, base_raw: dict) -> list[dict]:
-    from .config import resolve
-    from .guards import inside
-
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"bench output folder '{out}' already exists and is not empty: pass a new --output")
@@ -109,12 +97,12 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     if unknown:
         raise ConfigError(f"methods.{unknown[0]}: '{unknown[0]}' is not in --methods ({', '.join(methods)}): add it or drop the setting")
     # Validate every method's config before running anything.
-    num_blocks = _num_blocks(model_spec)
+    num_blocks = count_blocks(model_spec)
     raws = {}
     for label in methods:
         variant = variants.get(label)
         name = (variant or {}).get("name", label)
-        raw = _method_raw(base, name, args.steps, num_blocks, variant)
+        raw = method_raw(base, name, args.steps, num_blocks, variant)
         resolve(raw)
         raws[label] = raw
     if "full" not in methods:
@@ -127,7 +115,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         inside(out / "configs", f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
     print(f"profiling per-block cost on {model_spec} (batch {args.batch_size} x {args.seq_len})", flush=True)
-    prof_cmd = [sys.executable, "-m", "layerwise.profile_cli", str(out / "configs" / f"{methods[0]}.yaml"), "--methods", ",".join(methods), "--steps", str(args.steps), "--output", str(out / "profile.json")]
+    prof_cmd = [sys.executable, "-m", "layerwise", "measure", "profile", str(out / "configs" / f"{methods[0]}.yaml"), "--methods", ",".join(methods), "--steps", str(args.steps), "--output", str(out / "profile.json")]
     _run(prof_cmd, out / "runs" / "profile.log")
     profile = json.loads((out / "profile.json").read_text())
 
@@ -199,10 +187,6 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     return results
 
 
-def _fmt(v, spec: str, missing: str = "n/a") -> str:
-    return missing if v is None else format(v, spec)
-
-
 def render_markdown(meta: dict, results: list[dict]) -> str:
     lines = [
         f"# layerwise bench: {meta['model']} on {meta['data']}",
@@ -229,8 +213,8 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         ev = r.get("eval") or {}
         held = f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else (f"loss {ev['loss']:.4f}" if "loss" in ev else "-")
         lines.append(
-            f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f} | {_fmt(r.get('tokens_per_s_ratio'), '.2f')} | {_fmt(pred, '.2f')} | "
-            f"{_fmt(r.get('percent_of_ideal'), '.0f')} | {mib(m['total']):.1f} | {_fmt(r.get('memory_saving_x'), '.2f')} | "
+            f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f} | {fmt(r.get('tokens_per_s_ratio'), '.2f')} | {fmt(pred, '.2f')} | "
+            f"{fmt(r.get('percent_of_ideal'), '.0f')} | {mib(m['total']):.1f} | {fmt(r.get('memory_saving_x'), '.2f')} | "
             f"{mib(m['weights']):.1f} / {mib(m['grads']):.1f} / {mib(m['optimizer']):.1f} / {mib(m['activations']):.1f} | "
             f"{mib(r['peak_memory_bytes']):.0f} | {r['trainable_parameters_max']:,} | {held} |"
         )

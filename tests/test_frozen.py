@@ -9,8 +9,9 @@ import torch
 from conftest import batch_for, repeat, tiny_bert, tiny_llama
 
 from layerwise.anatomy import find_anatomy
-from layerwise.config import TrainConfig, resolve
+from layerwise.config import resolve
 from layerwise.engine import Trainer
+from layerwise.engine.settings import TrainConfig
 from layerwise.methods import create_method, method_config
 from layerwise.run import train
 
@@ -77,8 +78,8 @@ def test_host_master_restores_exact_float32():
                 assert p.dtype == torch.float32
                 assert (p.detach() - after_first[i][n]).abs().max() <= 1.5e-3
     # Master copies are counted in weights on CPU.
-    assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.lowp.master_bytes()
-    t.lowp.restore_all()
+    assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.frozen.master_bytes()
+    t.frozen.restore_all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # A block's float32 master kept its trained value exactly (not rounded to bf16).
     for i in range(3):
@@ -165,14 +166,14 @@ def test_disk_master_is_the_host_master_without_the_memory(tmp_path):
             rec = t.train_step()
             losses.append(rec.loss)
             if master == "disk":
-                files.append(sorted(f.name for f in t.lowp.dir.iterdir()))
+                files.append(sorted(f.name for f in t.frozen.dir.iterdir()))
                 # Nothing but the bf16/float32 parameters in memory: masters are not counted.
                 assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters())
-                assert t.lowp.master_bytes() == 0
+                assert t.frozen.master_bytes() == 0
             else:
-                assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.lowp.master_bytes()
-        t.lowp.restore_all()
-        runs[master] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, files, t.lowp)
+                assert rec.bytes["weights"] == sum(p.nbytes for p in model.parameters()) + t.frozen.master_bytes()
+        t.frozen.restore_all()
+        runs[master] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, files, t.frozen)
     assert runs["disk"][0] == runs["host"][0]
     host_w, disk_w = runs["host"][1], runs["disk"][1]
     assert host_w.keys() == disk_w.keys() and all(torch.equal(host_w[k], disk_w[k]) for k in host_w)
@@ -192,7 +193,7 @@ def test_disk_master_folder_goes_with_the_object(tmp_path):
     """Library use without close(): the scratch folder is removed when the object is collected."""
     import gc
 
-    from layerwise.engine.lowp import FrozenLowPrecision
+    from layerwise.engine.frozen import FrozenLowPrecision
 
     blocks = list(find_anatomy(tiny_llama()).blocks)
     lowp = FrozenLowPrecision(blocks, torch.bfloat16, "disk", tmp_path)
@@ -265,9 +266,9 @@ def test_int8_frozen_linears_with_exact_masters(master, tmp_path):
                 assert torch.int8 in inner and not q.requires_grad
                 assert tensor_bytes(q) < q.numel() * 2  # 1 byte a value + one scale per row
                 assert block.input_layernorm.weight.dtype == torch.float32
-        assert rec.bytes["weights"] == sum(tensor_bytes(p) for p in model.parameters()) + (t.lowp.master_bytes() if master == "host" else 0)
-        assert rec.bytes["weights"] < ref_rec.bytes["weights"] + (t.lowp.master_bytes() if master == "host" else 0)
-    t.lowp.restore_all()
+        assert rec.bytes["weights"] == sum(tensor_bytes(p) for p in model.parameters()) + (t.frozen.master_bytes() if master == "host" else 0)
+        assert rec.bytes["weights"] < ref_rec.bytes["weights"] + (t.frozen.master_bytes() if master == "host" else 0)
+    t.frozen.restore_all()
     # Every Parameter object is the model's own again, float32, and block 0 (trained at steps 0 and 4) moved
     # from its pretrained value while a never-quantized-for-long block keeps exact masters (no int8 error).
     assert {id(p) for p in model.parameters()} == own and all(p.dtype == torch.float32 for p in model.parameters())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,9 @@ import torch
 from scipy.optimize import least_squares
 from torch import nn
 
-from .anatomy import Anatomy, _unwrap
-from .errors import ConfigError, DataError
+from layerwise.anatomy import Anatomy, unwrap_model
+from layerwise.engine.io import write_text
+from layerwise.errors import ConfigError, DataError
 
 __all__ = [
     "FORMULA",
@@ -118,7 +118,7 @@ def collect_latents(model: nn.Module, anatomy: Anatomy, batch: dict, stop_after_
 
 
 def _decoder(model: nn.Module, anatomy: Anatomy):
-    root = _unwrap(model)
+    root = unwrap_model(model)
     head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
     if head is None:
         raise ConfigError(
@@ -273,7 +273,7 @@ def head_units(anatomy: Anatomy, task: str) -> float:
     """
     if task != "causal_lm":
         return 0.0
-    root = _unwrap(anatomy.model)
+    root = unwrap_model(anatomy.model)
     head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
     mods = list(anatomy._current("final_norm")) + ([head] if head is not None else [])
     n_head = sum(p.numel() for m in mods for p in m.parameters())
@@ -285,6 +285,12 @@ def head_units(anatomy: Anatomy, task: str) -> float:
 def cost_fractions(L: int, h: float) -> list[float]:
     """``f(m) = (m + h) / (L + h)``: backward cost of training the top m blocks (+ head) over full fine-tuning, m = 0..L."""
     return [(m + h) / (L + h) for m in range(L + 1)]
+
+
+def check_budget(budget: float | None, key: str) -> None:
+    """A compute budget is a fraction in (0, 1] of full fine-tuning's backward cost (None: no budget)."""
+    if budget is not None and not 0 < budget <= 1:
+        raise ConfigError(f"{key}: {budget} must be a fraction in (0, 1] of full fine-tuning's backward cost, e.g. 0.5")
 
 
 def budget_blocks(fractions: list[float], budget: float) -> int:
@@ -546,9 +552,7 @@ def write_outputs(probe: dict, folder: str | Path) -> dict:
     """``probe.json`` and ``probe.png`` in ``folder``; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "probe.json.tmp"
-    tmp.write_text(json.dumps(probe, indent=2))
-    tmp.replace(folder / "probe.json")
+    write_text(folder / "probe.json", json.dumps(probe, indent=2))
     plot(probe, folder / "probe.png")
     return {"json": str(folder / "probe.json"), "png": str(folder / "probe.png")}
 
@@ -565,36 +569,3 @@ def sample_batches(loader_factory, samples: int):
             n = left
         left -= n
         yield batch
-
-
-def probe_command(raw: dict, *, samples: int, budget: float | None, output: str, log=print) -> dict:
-    """``layerwise probe``: load model and data from a raw config, probe, write ``output``."""
-    from .config import resolve
-    from .data import make_loader
-    from .run import _check_output, load_inputs
-
-    if samples < 1:
-        raise ConfigError(f"--samples {samples} probes nothing: use a positive count (e.g. 512)")
-    if budget is not None and not 0 < budget <= 1:
-        raise ConfigError(f"--budget {budget} must be a fraction in (0, 1] of full fine-tuning's backward cost")
-    raw = dict(raw)
-    raw.pop("output", None)
-    cfg, _ = resolve(raw)
-    out = Path(output)
-    _check_output(out)
-    torch.manual_seed(cfg.train.seed)
-    task, splits, model, tokenizer, _info, anatomy = load_inputs(cfg)
-    from .engine import resolve_device
-
-    model.to(resolve_device(cfg.train.device))
-
-    def loader(epoch: int):
-        return make_loader(splits.train, tokenizer, cfg.data, batch_size=cfg.train.eval_batch_size, shuffle=True, seed=cfg.train.seed + epoch)
-
-    result = run_probe(model, anatomy, sample_batches(loader, samples), task, budget=budget, seed=cfg.train.seed)
-    result["model"] = cfg.model
-    result["data"] = cfg.data.source
-    log(format_table(result))
-    paths = write_outputs(result, out)
-    log(f"wrote {paths['json']} and {paths['png']}")
-    return result

@@ -44,7 +44,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ConfigError
+from layerwise.engine.io import replacing
+from layerwise.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
@@ -162,9 +163,8 @@ class FrozenLowPrecision:
         t0 = time.perf_counter()
         tensors = {str(j): p.detach().to("cpu", torch.float32).contiguous() for j, p in enumerate(params) if p.is_floating_point()}
         final = self._path(i)
-        tmp = final.with_name(final.name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final)
+        with replacing(final) as tmp:
+            save_file(tensors, str(tmp))
         self.bytes_written += sum(t.nbytes for t in tensors.values())
         self.io_seconds += time.perf_counter() - t0
 

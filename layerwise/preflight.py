@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ResourceError
+from layerwise.engine.meter import format_bytes
+from layerwise.errors import ConfigError, ResourceError
 
 MiB = 2**20
 #: Overrides the CPU bf16 detection: ``1`` (has bf16 matrix units) or ``0`` (has not).
 CPU_BF16_ENV = "LAYERWISE_CPU_BF16"
-
-
-def _fmt(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / MiB:.1f} MiB"
 
 
 def inside(root: str | Path, name: str) -> Path:
@@ -172,9 +169,9 @@ def check_resources(est: Estimate, cfg, device: torch.device, output: Path, *, l
     tcfg = cfg.train
     if log is not None:
         log(
-            f"estimated peak training memory {_fmt(est.total)} (weights {_fmt(est.weights)}, grads {_fmt(est.grads)}, "
-            f"optimizer {_fmt(est.optimizer)}, activations ~{_fmt(est.activations)}); checkpoint ~{_fmt(est.checkpoint)}"
-            + (f", final model ~{_fmt(est.model)}" if est.model else "")
+            f"estimated peak training memory {format_bytes(est.total)} (weights {format_bytes(est.weights)}, grads {format_bytes(est.grads)}, "
+            f"optimizer {format_bytes(est.optimizer)}, activations ~{format_bytes(est.activations)}); checkpoint ~{format_bytes(est.checkpoint)}"
+            + (f", final model ~{format_bytes(est.model)}" if est.model else "")
         )
     if tcfg.memory_check:
         free, what = available_memory(device)
@@ -191,21 +188,21 @@ def check_resources(est: Estimate, cfg, device: torch.device, output: Path, *, l
                 )
             else:
                 hint = (
-                    f"even batch size 1 does not fit: the weights, gradients and optimizer state alone need {_fmt(fixed)}; "
+                    f"even batch size 1 does not fit: the weights, gradients and optimizer state alone need {format_bytes(fixed)}; "
                     f"train fewer parameters (lora, lift, freeze) or use a smaller model"
                 )
             raise ResourceError(
-                f"the run needs about {_fmt(need)} ({_fmt(est.total)} peak: weights {_fmt(est.weights)}, grads {_fmt(est.grads)}, "
-                f"optimizer {_fmt(est.optimizer)}, activations ~{_fmt(est.activations)} for batch {tcfg.batch_size} x "
-                f"{cfg.data.max_length} tokens) but {what} is {_fmt(free)}: {hint}; or set train.memory_check=false to try anyway"
+                f"the run needs about {format_bytes(need)} ({format_bytes(est.total)} peak: weights {format_bytes(est.weights)}, grads {format_bytes(est.grads)}, "
+                f"optimizer {format_bytes(est.optimizer)}, activations ~{format_bytes(est.activations)} for batch {tcfg.batch_size} x "
+                f"{cfg.data.max_length} tokens) but {what} is {format_bytes(free)}: {hint}; or set train.memory_check=false to try anyway"
             )
     if tcfg.disk_check:
         need = est.model + est.checkpoint * checkpoint_copies(tcfg)
         free = free_disk(output)
         if free is not None and need > free:
             raise ResourceError(
-                f"the output disk of '{output}' has {_fmt(free)} free but the run writes about {_fmt(need)} "
-                f"(final model {_fmt(est.model)}, {checkpoint_copies(tcfg)} checkpoint(s) of {_fmt(est.checkpoint)}): "
+                f"the output disk of '{output}' has {format_bytes(free)} free but the run writes about {format_bytes(need)} "
+                f"(final model {format_bytes(est.model)}, {checkpoint_copies(tcfg)} checkpoint(s) of {format_bytes(est.checkpoint)}): "
                 f"free disk space, pass another --output, lower train.keep_last, or set train.save_model=false; "
                 f"or train.disk_check=false to try anyway"
             )

@@ -1,0 +1,269 @@
+"""Raw columns -> normalised columns and labels -> a seeded train/held-out split (:func:`load_splits`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from layerwise.data.settings import DataConfig
+from layerwise.data.sources import PACKAGED_DATA, Part, boolq, read_source, rotten_tomatoes
+from layerwise.errors import ConfigError, DataError
+from layerwise.models import TASKS
+
+# Split names that mark a held-out set in a saved DatasetDict, most preferred first. `validation`
+# comes before `test` because public test splits are often unlabelled (label -1).
+EVAL_SPLIT_NAMES = ("validation", "eval", "valid", "dev", "test")
+# Packaged sets are used for reported accuracies: fewer held-out examples make them too noisy.
+PACKAGED_MIN_EVAL = 1000
+
+
+@dataclass
+class Splits:
+    """Train and held-out data in normalised columns (or, after :func:`tokenize_splits`, model inputs)."""
+
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset
+    label_names: list[str] | None
+    """Class names in id order (classification); None for causal_lm."""
+    columns: tuple[str, ...]
+    """Normalised text columns: ('text',), ('text', 'text_pair') or ('prompt', 'response')."""
+    tokenized: bool = False
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Examples dropped by tokenization per split (nothing left to train on after truncation)."""
+
+
+def _require(part: Part, col: str, key: str, source: str, what: str) -> list:
+    if col not in part.columns:
+        raise DataError(
+            f"column '{col}' not found in '{source}' (columns: {', '.join(part.columns) or 'none'}): "
+            f"set data.{key} to the column that holds the {what}"
+        )
+    return part.get(col)
+
+
+def _texts(values: list) -> list[str]:
+    # A missing text (None, an empty CSV cell) is an empty string; numbers in a text column are text.
+    return ["" if v is None else v if isinstance(v, str) else str(v) for v in values]
+
+
+def _label_key(value: Any, col: str, source: str) -> Any:
+    """A raw label value as a hashable key: bool, int (also from integral floats) or str."""
+    if value is None:
+        raise DataError(f"'{source}' has an example without a value in label column '{col}': fill it or remove the example")
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value == int(value):
+            return int(value)
+        raise DataError(f"label {value!r} in column '{col}' of '{source}' is not a class (regression is not supported): use class names or ids 0..K-1")
+    try:  # numpy scalars
+        return _label_key(value.item(), col, source)
+    except AttributeError:
+        raise DataError(f"label {value!r} in column '{col}' of '{source}' is not a class name or id") from None
+
+
+def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list[str]]:
+    """Map raw label values to ids 0..K-1 and return (ids, names in id order)."""
+    col = cfg.label_column
+    keys = [_label_key(v, col, source) for v in raw]
+    if cfg.labels is not None:
+        names = [str(n) for n in cfg.labels]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.labels {names} has duplicates: list each class once, in id order")
+        if len(names) < 2:
+            raise DataError(f"data.labels {names} has fewer than 2 classes: classification needs at least 2 labels")
+        by_name = {n: i for i, n in enumerate(names)}
+        mapping: dict[Any, int] = {}
+        for k in set(keys):
+            if str(k) in by_name:
+                mapping[k] = by_name[str(k)]
+            elif isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(names):
+                mapping[k] = k  # an id into the given names
+            else:
+                raise DataError(
+                    f"label '{k}' in column '{col}' of '{source}' is not in the label set data.labels {names}: "
+                    f"add it to data.labels or fix the data"
+                )
+        return [mapping[k] for k in keys], names
+    unique = set(keys)
+    kinds = {type(k) for k in unique}
+    if len(kinds) > 1:
+        raise DataError(f"labels in column '{col}' of '{source}' mix {' and '.join(sorted(t.__name__ for t in kinds))} values: use one kind, or set data.labels")
+    values = sorted(unique)
+    if len(values) < 2:
+        raise DataError(
+            f"column '{col}' of '{source}' has fewer than 2 classes ({', '.join(map(str, values)) or 'none'}): "
+            f"classification needs at least 2 labels (is data.label_column the right column?)"
+        )
+    if int in kinds:
+        bad = [v for v in values if not 0 <= v < len(values)]
+        if bad:
+            raise DataError(
+                f"int label {bad[0]} in column '{col}' of '{source}' is outside 0..{len(values) - 1} ({len(values)} classes found): "
+                f"relabel to ids 0..K-1 or name the classes with data.labels"
+            )
+    ids = {v: i for i, v in enumerate(values)}
+    return [ids[k] for k in keys], [str(v) for v in values]
+
+
+def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, tuple[str, ...]]:
+    """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
+    out: list[dict[str, list]] = []
+    if task == "classification":
+        first = parts[0]
+        pair_col = cfg.text_pair_column or ("text_pair" if "text_pair" in first.columns else None)
+        raw_labels: list = []
+        for part in parts:
+            cols = {"text": _texts(_require(part, cfg.text_column, "text_column", source, "text"))}
+            if pair_col is not None:
+                cols["text_pair"] = _texts(_require(part, pair_col, "text_pair_column", source, "second text of each pair"))
+            raw_labels.append(_require(part, cfg.label_column, "label_column", source, "labels"))
+            out.append(cols)
+        # One label set for train and eval, so an id means the same class in both.
+        class_names = first.class_names.get(cfg.label_column)
+        if cfg.labels is None and class_names:
+            cfg = replace(cfg, labels=class_names)  # a ClassLabel column: its ints are ids into these names
+        ids, names = _label_ids([v for labels in raw_labels for v in labels], cfg, source)
+        start = 0
+        for cols, labels in zip(out, raw_labels):
+            cols["label"] = ids[start : start + len(labels)]
+            start += len(labels)
+        columns = ("text", "text_pair") if pair_col else ("text",)
+        return out, names, columns
+    # causal_lm: prompt + response (loss on the response) when both columns exist, else plain text.
+    first = parts[0]
+    has_p, has_r = cfg.prompt_column in first.columns, cfg.response_column in first.columns
+    if has_p and has_r:
+        for part in parts:
+            out.append({
+                "prompt": _texts(_require(part, cfg.prompt_column, "prompt_column", source, "prompts")),
+                "response": _texts(_require(part, cfg.response_column, "response_column", source, "responses")),
+            })
+        return out, None, ("prompt", "response")
+    if cfg.text_column in first.columns:
+        for part in parts:
+            out.append({"text": _texts(_require(part, cfg.text_column, "text_column", source, "text"))})
+        return out, None, ("text",)
+    if has_p or has_r:
+        missing, key = (cfg.response_column, "response_column") if has_p else (cfg.prompt_column, "prompt_column")
+        raise DataError(
+            f"column '{missing}' not found in '{source}' (columns: {', '.join(first.columns)}): "
+            f"causal_lm with prompts needs both; set data.{key}"
+        )
+    raise DataError(
+        f"column '{cfg.text_column}' not found in '{source}' (columns: {', '.join(first.columns) or 'none'}): causal_lm needs a text "
+        f"column (set data.text_column) or prompt and response columns (set data.prompt_column and data.response_column)"
+    )
+
+
+def _packaged(cfg: DataConfig, task: str) -> tuple[Any, Any, list[str] | None, tuple[str, ...]]:
+    import datasets
+
+    name = cfg.source
+    data, names = rotten_tomatoes() if name == "rotten_tomatoes" else boolq()
+    if task == "classification" and cfg.labels is not None and [str(n) for n in cfg.labels] != names:
+        raise DataError(f"packaged '{name}' has the label set {names}; remove data.labels (it applies to your own files)")
+    full = datasets.Dataset.from_dict(data)
+    # Split before the task mapping so classification and causal_lm hold out the same examples.
+    train, eval_ = _split(full, cfg, name, min_eval=PACKAGED_MIN_EVAL)
+
+    def to_task(ds):
+        if name == "rotten_tomatoes":
+            if task == "classification":
+                return ds, ("text",)
+            return ds.remove_columns(["label"]), ("text",)
+        if task == "classification":
+            cols = {"text": ds["question"], "text_pair": ds["passage"], "label": ds["label"]}
+            return datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}), ("text", "text_pair")
+        prompts = [f"{p}\nQuestion: {q}?\nAnswer:" for q, p in zip(ds["question"], ds["passage"])]
+        responses = [" yes" if y else " no" for y in ds["label"]]
+        return datasets.Dataset.from_dict({"prompt": prompts, "response": responses}), ("prompt", "response")
+
+    (train, columns), (eval_, _) = to_task(train), to_task(eval_)
+    return train, eval_, (names if task == "classification" else None), columns
+
+
+def _eval_count(eval_size: float | int, n: int, source: str) -> int:
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float)) or eval_size <= 0:
+        raise DataError(f"data.eval_size={eval_size!r} would make the eval split of '{source}' empty: use a fraction in (0, 1) or a count >= 1")
+    count = int(round(eval_size * n)) if eval_size < 1 else int(eval_size)
+    if count < 1:
+        raise DataError(
+            f"the eval split of '{source}' would be empty (data.eval_size={eval_size} of {n} examples): "
+            f"raise data.eval_size or add examples"
+        )
+    return count
+
+
+def _split(ds, cfg: DataConfig, source: str, min_eval: int = 0):
+    n = ds.num_rows
+    count = max(min_eval, _eval_count(cfg.eval_size, n, source))
+    if count >= n:
+        raise DataError(
+            f"data.eval_size={cfg.eval_size} holds out {count} of the {n} examples of '{source}', leaving none to train on: "
+            f"lower data.eval_size or add examples"
+        )
+    # In memory and uncached: a cached index file could outlive a change to the data.
+    parts = ds.train_test_split(test_size=count, seed=cfg.seed, shuffle=True, keep_in_memory=True, load_from_cache_file=False)
+    return parts["train"], parts["test"]
+
+
+def _pick_parts(parts: list[Part], source: str) -> tuple[Part, Part | None]:
+    if len(parts) == 1:
+        return parts[0], None
+    by_name = {p.name.lower(): p for p in parts}
+    eval_part = next((by_name[n] for n in EVAL_SPLIT_NAMES if n in by_name), None)
+    rest = [p for p in parts if p is not eval_part]
+    train = by_name.get("train") or (rest[0] if len(rest) == 1 else None)
+    if train is None or train is eval_part:
+        raise DataError(
+            f"'{source}' has splits {', '.join(p.name for p in parts)}: name the training split 'train' "
+            f"(and the held-out one {' or '.join(EVAL_SPLIT_NAMES)})"
+        )
+    return train, eval_part
+
+
+def load_splits(cfg: DataConfig, task: str) -> Splits:
+    """Read ``cfg.source`` and return normalised train/eval datasets for ``task``.
+
+    Classification gives columns ``text`` (+ ``text_pair``) and ``label`` (int id into
+    ``label_names``); causal_lm gives ``text`` or ``prompt`` + ``response``. A source split named
+    validation/eval/valid/dev/test is the eval set; otherwise ``cfg.eval_size`` examples are held
+    out with a split seeded by ``cfg.seed`` (identical every run). ``max_*_samples`` keep the first
+    N examples of each split afterwards. Raises DataError for any problem with the data.
+    """
+    import datasets
+
+    if task not in TASKS:
+        raise ConfigError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
+    source = str(cfg.source)
+    if source in PACKAGED_DATA and not Path(source).exists():
+        train, eval_, label_names, columns = _packaged(cfg, task)
+    else:
+        parts = read_source(source)
+        train_part, eval_part = _pick_parts(parts, source)
+        if train_part.num_rows == 0:
+            raise DataError(f"the training split of '{source}' is empty (0 rows): add examples")
+        chosen = [train_part] + ([eval_part] if eval_part is not None else [])
+        normalised, label_names, columns = _normalise(chosen, cfg, task, source)
+        features = {c: datasets.Value("string") for c in columns}
+        if task == "classification":
+            features["label"] = datasets.Value("int64")
+        dss = [datasets.Dataset.from_dict(cols, features=datasets.Features(features)) for cols in normalised]
+        if eval_part is None:
+            train, eval_ = _split(dss[0], cfg, source)
+        else:
+            train, eval_ = dss
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(max(cfg.max_train_samples, 0), train.num_rows)))
+    if cfg.max_eval_samples is not None:
+        eval_ = eval_.select(range(min(max(cfg.max_eval_samples, 0), eval_.num_rows)))
+    if eval_.num_rows == 0:
+        raise DataError(f"the eval split of '{source}' is empty: add held-out examples, raise data.eval_size or data.max_eval_samples")
+    if train.num_rows == 0:
+        raise DataError(f"the training split of '{source}' is empty: raise data.max_train_samples or add examples")
+    return Splits(train=train, eval=eval_, label_names=label_names, columns=columns)
