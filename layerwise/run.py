@@ -28,7 +28,7 @@ from layerwise.config import RunConfig
 from layerwise.data import Splits, load_splits, make_collate, make_loader, tokenize_splits
 from layerwise.engine import Trainer, evaluate, prefix_cache, resolve_device
 from layerwise.engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from layerwise.engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed
+from layerwise.engine.distributed import ActiveGradSync, ShardedStream, gather_digests, init_distributed, launched
 from layerwise.engine.fsdp import LossSync, check_fsdp, shard_model
 from layerwise.engine.io import swap_folder, write_text
 from layerwise.engine.trainer import BatchStream
@@ -427,4 +427,10 @@ class Run:
 
 def train(cfg: RunConfig, mcfg, *, log=print, resume: bool = False, stop_at: int | None = None) -> dict:
     """Run (or, with ``resume``, continue) a training run; raises :class:`TrainingStopped` on a graceful stop."""
-    return Run(cfg, mcfg, log=log, resume=resume, stop_at=stop_at).execute()
+    joins = launched() and torch.distributed.is_available() and not torch.distributed.is_initialized()
+    try:
+        return Run(cfg, mcfg, log=log, resume=resume, stop_at=stop_at).execute()
+    finally:
+        if joins and torch.distributed.is_initialized():
+            # A process group left to interpreter exit can abort the process while its threads are torn down.
+            torch.distributed.destroy_process_group()
