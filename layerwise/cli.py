@@ -93,7 +93,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per example (default: data.max_length)")
     p.add_argument("--methods", help="comma-separated methods (default: every method)")
     p.add_argument("--batch-size", type=int, help="batch for the per-component table (default: train.batch_size)")
-    p.add_argument("--output", default="plan.json", help="plan.json path, or a folder for it (default ./plan.json)")
+    p.add_argument("--output", help="also write the plan as JSON: a .json path, or a folder for plan.json (default: print only)")
     p.add_argument("--no-speed", action="store_true", help="skip the cost-model profile (no tokens/s prediction)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (train.max_steps=100) or a method's (lift.switch_every=10)")

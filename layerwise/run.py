@@ -339,6 +339,7 @@ class Run:
                     )
         bar.close()
         peak_process = trainer.peak_memory.peak_bytes()
+        measured_peak = trainer.peak_memory.peak_above_baseline()
         totals = trainer.totals
         # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the rates when there is more than one.
         seconds, tokens, samples = totals.seconds, totals.tokens, totals.samples
@@ -370,7 +371,10 @@ class Run:
             "samples_per_s": samples / max(seconds, 1e-9),
             "peak_memory_bytes": peak_process,
             "peak_memory_kind": trainer.peak_memory.kind,
-            "memory": {k: int(v) for k, v in totals.peak.items()},
+            # Accounted: weights + grads + optimizer + activations, each at its peak (layerwise's meter); measured_peak:
+            # the process's peak above what it held when the first step began (the loaded model), from the OS or CUDA.
+            "memory": {**{k: int(v) for k, v in totals.peak.items()}, "measured_peak": measured_peak,
+                       "measured_baseline": trainer.peak_memory.baseline},
             "trainable_parameters_max": trainer.max_trainable,
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "switches": trainer.switches,

@@ -152,8 +152,26 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
         assert r["predicted"]["predicted_speedup"] > 0
     assert results["full"]["predicted"]["predicted_speedup"] == pytest.approx(1.0)
     assert results["lift"]["memory"]["total"] < full["memory"]["total"]
+    for r in results.values():
+        # Measured: the process's peak above the loaded model, per repeat; the headline saving is their ratio.
+        assert r["measured_peak"] == r["measured_peak_runs"][0] == r["memory"]["measured_peak"] > 0
+        assert 0 < r["memory"]["measured_baseline"] < r["peak_memory_bytes"]
+        assert r["measured_memory_saving_x"] == pytest.approx(full["measured_peak"] / r["measured_peak"])
+        accounted = r["memory"]["total"] - r["memory"]["weights"]
+        assert r["accounted_over_measured"] == pytest.approx(accounted / r["measured_peak"])
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "chart.png").stat().st_size > 1000
+
+
+def test_bench_refuses_a_lift_schedule_it_would_time_in_part(tiny_bert_dir, cls_jsonl, tmp_path, capsys):
+    out = tmp_path / "bench"
+    base = ["bench", "--model", tiny_bert_dir, "--data", cls_jsonl, "--batch-size", "4", "--seq-len", "16", "--output", str(out)]
+    # tiny_bert has 4 blocks: 3 steps cannot train each once; with switch_every=2 a pass takes 8 steps.
+    for extra, need in ((["--steps", "3"], 4), (["--steps", "6", "--set", "methods.lift.switch_every=2"], 8)):
+        assert main([*base, "--methods", "full,lift", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"takes {need} steps" in err[0] and f"--steps {need} or more" in err[0], err
+        assert not out.exists()
 
 
 def test_bench_entry_can_carry_its_own_train_settings():

@@ -78,3 +78,12 @@ def test_plan_cli(tiny_llama_dir, tmp_path, capsys):
     assert all("predicted" in e for e in plan["methods"].values())
     assert "max batch" in capsys.readouterr().out
     assert main(["plan", "--model", tiny_llama_dir, "--memory", "lots", "--no-speed"]) == 2
+
+
+def test_plan_writes_no_file_unless_asked(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from layerwise.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", tiny_llama_dir, "--memory", "1GiB", "--seq-len", "16", "--methods", "freeze", "--no-speed",
+                 "--set", "train.max_steps=2"]) == 0
+    assert "max batch" in capsys.readouterr().out and list(tmp_path.iterdir()) == []

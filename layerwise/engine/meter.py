@@ -4,6 +4,7 @@ peak process memory (peak RSS on CPU, ``max_memory_allocated`` on CUDA)."""
 from __future__ import annotations
 
 import contextlib
+import resource
 
 import torch
 from torch import nn
@@ -69,34 +70,46 @@ def grad_bytes(params) -> int:
 
 
 class PeakMemory:
-    """Peak memory of the process during a window: VmHWM on Linux CPU (reset through
-    /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on CUDA."""
+    """Measured peak memory of the process during a window: VmHWM on Linux CPU (reset through
+    /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on CUDA; and the same above what was
+    in use when the window began (the loaded model), which is what training itself adds."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss"
+        self.baseline = 0
 
     def reset(self) -> None:
+        """Start a window: the peak restarts from the memory in use now, which becomes the baseline."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = int(torch.cuda.memory_allocated(self.device))
             return
         with contextlib.suppress(OSError):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+        self.baseline = _status_bytes("VmRSS:") or 0
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
+        peak = _status_bytes("VmHWM:")
+        return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def peak_above_baseline(self) -> int:
+        return max(0, self.peak_bytes() - self.baseline)
+
+
+def _status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (Linux), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def format_bytes(n: float) -> str:

@@ -27,6 +27,9 @@ from layerwise.methods import METHODS
 from layerwise.models import count_blocks
 from layerwise.preflight import inside
 
+#: Accounted and measured memory further apart than this are named in the report.
+ACCOUNTED_TOLERANCE = 0.25
+
 
 def method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict | None = None) -> dict:
     """The config of one compared entry: ``base`` with the method's own keys (``method.*`` for the method they
@@ -50,6 +53,18 @@ def method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict
     given = extra if variant is not None else {**cls.stated_defaults(num_blocks, with_data=True), **extra}
     raw["method"] = {"name": name, **cls.fit_schedule(num_blocks, steps, given), **given}
     return raw
+
+
+def check_whole_passes(label: str, settings: dict, steps: int, num_blocks: int) -> None:
+    """Refuse to time a method that trains its blocks in turn on part of its schedule: the blocks it would
+    never reach are the expensive ones (backward runs deepest there)."""
+    need = METHODS[settings["name"]].pass_steps(num_blocks, settings)
+    if need is not None and need > steps:
+        raise ConfigError(
+            f"{label}: one pass of its schedule over the {num_blocks} blocks takes {need} steps but --steps is {steps}, "
+            f"so the blocks it reaches last would never be timed: use --steps {need} or more, or fewer steps per phase "
+            f"(methods.{label}.switch_every)"
+        )
 
 
 def _run(cmd: list[str], log_path: Path) -> None:
@@ -104,6 +119,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         name = (variant or {}).get("name", label)
         raw = method_raw(base, name, args.steps, num_blocks, variant)
         resolve(raw)
+        check_whole_passes(label, raw["method"], args.steps, num_blocks)
         raws[label] = raw
     if "full" not in methods:
         print("note: 'full' is not among --methods; ratios are left empty", file=sys.stderr)
@@ -148,18 +164,25 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         summary["tokens_per_s"] = statistics.median(summary["tokens_per_s_runs"])
         summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
         summary["peak_memory_bytes"] = int(statistics.median(r["peak_memory_bytes"] for r in runs))
+        summary["measured_peak_runs"] = [r["memory"]["measured_peak"] for r in runs]
+        summary["measured_peak"] = int(statistics.median(summary["measured_peak_runs"]))
+        # What the meter accounts for beyond the weights (resident before the window), against the measured growth.
+        accounted = summary["memory"]["total"] - summary["memory"]["weights"]
+        summary["accounted_over_measured"] = accounted / summary["measured_peak"] if summary["measured_peak"] else None
         summary["predicted"] = profile["methods"].get(name)
         summary["label"] = name
         results.append(summary)
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
         if full is None:
-            r.update(tokens_per_s_ratio=None, memory_ratio=None, memory_saving_x=None, process_memory_ratio=None)
+            r.update(tokens_per_s_ratio=None, memory_ratio=None, memory_saving_x=None, process_memory_ratio=None,
+                     measured_memory_saving_x=None)
             continue
         r["tokens_per_s_ratio"] = r["tokens_per_s"] / full["tokens_per_s"]
         r["memory_ratio"] = r["memory"]["total"] / full["memory"]["total"]
         r["memory_saving_x"] = full["memory"]["total"] / r["memory"]["total"]
         r["process_memory_ratio"] = r["peak_memory_bytes"] / full["peak_memory_bytes"]
+        r["measured_memory_saving_x"] = full["measured_peak"] / r["measured_peak"] if r["measured_peak"] else None
         pred = r["predicted"] or {}
         r["percent_of_ideal"] = 100.0 * r["tokens_per_s_ratio"] / pred["predicted_speedup"] if pred.get("predicted_speedup") else None
     command = "layerwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "layerwise bench"
@@ -203,8 +226,10 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
             else []
         ),
         "",
-        "| method | tokens/s | x full | ideal x (cost model) | % of ideal | peak training memory (MiB) | memory saving x | weights / grads / optimizer / activations (MiB) | peak RSS (MiB) | trainable params (max) | held-out |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| method | tokens/s | x full | ideal x (cost model) | % of ideal | measured peak (MiB) | measured saving x "
+        "| accounted peak (MiB) | accounted saving x | weights / grads / optimizer / activations (MiB) | peak RSS (MiB) "
+        "| trainable params (max) | held-out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     mib = lambda b: b / 2**20  # noqa: E731
     for r in results:
@@ -214,17 +239,24 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         held = f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else (f"loss {ev['loss']:.4f}" if "loss" in ev else "-")
         lines.append(
             f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f} | {fmt(r.get('tokens_per_s_ratio'), '.2f')} | {fmt(pred, '.2f')} | "
-            f"{fmt(r.get('percent_of_ideal'), '.0f')} | {mib(m['total']):.1f} | {fmt(r.get('memory_saving_x'), '.2f')} | "
+            f"{fmt(r.get('percent_of_ideal'), '.0f')} | {mib(r['measured_peak']):.1f} | {fmt(r.get('measured_memory_saving_x'), '.2f')} | "
+            f"{mib(m['total']):.1f} | {fmt(r.get('memory_saving_x'), '.2f')} | "
             f"{mib(m['weights']):.1f} / {mib(m['grads']):.1f} / {mib(m['optimizer']):.1f} / {mib(m['activations']):.1f} | "
             f"{mib(r['peak_memory_bytes']):.0f} | {r['trainable_parameters_max']:,} | {held} |"
         )
+    off = [f"{r.get('label', r['method'])} ({r['accounted_over_measured']:.2f}x)" for r in results
+           if r.get("accounted_over_measured") and abs(r["accounted_over_measured"] - 1) > ACCOUNTED_TOLERANCE]
     lines += [
         "",
-        "Peak training memory = weights + gradients + optimizer state + bytes saved for backward (each at its peak), "
-        "counted by layerwise's meter; peak RSS is the whole process (Python, torch, tokenizer, data) measured by the OS. "
+        "Measured peak = the process's peak memory above what it held when the first step began (the loaded model): "
+        "peak RSS on CPU, `max_memory_allocated` on CUDA; median over the repeats. Accounted peak = weights + gradients + "
+        "optimizer state + bytes saved for backward (each at its peak), counted by layerwise's meter; it leaves out "
+        "working memory (recomputation, temporary buffers, the allocator's slack). Peak RSS is the whole process. "
         "'ideal x' is the cost model's best tokens/s ratio over `full` at this batch, from per-block forward/backward times "
         "profiled on this machine (see docs/cost-model.md).",
         "",
+        *([f"Accounted beyond the weights and measured differ by more than {ACCOUNTED_TOLERANCE:.0%} for: {', '.join(off)} "
+           "(accounted / measured).", ""] if off else []),
     ]
     return "\n".join(lines)
 

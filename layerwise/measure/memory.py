@@ -272,7 +272,9 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
         "methods": {n: {k: v for k, v in e.items() if not k.startswith("_")} for n, e in rows.items()},
     }
     log(format_table(result))
-    path = Path(output or "plan.json")
+    if output is None:  # the table above is the answer; a file only where --output asks for one
+        return result
+    path = Path(output)
     if path.suffix != ".json":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "plan.json"

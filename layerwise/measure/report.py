@@ -179,6 +179,9 @@ def _model_section(model: str, entry: dict, report: dict, out: Path) -> list[str
         f"(the first step is not timed), constant learning rate; held-out {first['metric']} on {entry['eval_samples']} examples.",
         "",
     ]
+    for label, need in entry.get("partial_passes", {}).items():
+        lines += [f"**Partial schedule**: one pass of `{label}` over the {entry['num_blocks']} blocks takes {need} steps, more than "
+                  f"the step budget: its rows time only the blocks it reached.", ""]
     for prec in precs:
         runs = entry["runs"][prec]
         r = ratios(runs)

@@ -142,6 +142,12 @@ class Method:
         for the settings the user ``given``."""
         return {}
 
+    @classmethod
+    def pass_steps(cls, num_blocks: int, settings: dict) -> int | None:
+        """Optimizer steps one pass of the schedule takes with ``settings`` (every block it trains in turn trained
+        once); None when the method has no such pass (a fixed plan, or random choices)."""
+        return None
+
     # -- shared ------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:

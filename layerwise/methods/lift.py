@@ -34,6 +34,12 @@ class LiftConfig:
             raise ConfigError(f"method.switch_every must be at least 1, got {self.switch_every}")
 
 
+def _phase_count(num_blocks: int, settings: dict) -> int:
+    """Phases of one pass: the groups of ``k`` blocks, plus the embeddings and the head where they are a phase."""
+    groups = -(-num_blocks // settings.get("k", LiftConfig.k))
+    return groups + sum(settings.get(part) == "phase" for part in ("embeddings", "head"))
+
+
 @register
 class Lift(Method):
     name = "lift"
@@ -42,8 +48,12 @@ class Lift(Method):
 
     @classmethod
     def fit_schedule(cls, num_blocks: int, steps: int, given: dict) -> dict:
-        # One pass of the whole schedule within the run: every block active equally often.
-        return {"switch_every": max(1, steps // -(-num_blocks // given.get("k", 1)))}
+        # One pass of the whole schedule within the run: every phase active equally often.
+        return {"switch_every": max(1, steps // _phase_count(num_blocks, given))}
+
+    @classmethod
+    def pass_steps(cls, num_blocks: int, settings: dict) -> int:
+        return _phase_count(num_blocks, settings) * settings.get("switch_every", LiftConfig.switch_every)
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
