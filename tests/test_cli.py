@@ -159,6 +159,9 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
         assert r["measured_memory_saving_x"] == pytest.approx(full["measured_peak"] / r["measured_peak"])
         accounted = r["memory"]["total"] - r["memory"]["weights"]
         assert r["accounted_over_measured"] == pytest.approx(accounted / r["measured_peak"])
+        assert r["frozen_dropout"] is False
+    # The report says what differs between the sides: frozen blocks skip dropout, full keeps it.
+    assert "eval mode" in data["meta"]["dropout_regime"] and data["meta"]["dropout_regime"] in (out / "results.md").read_text()
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "chart.png").stat().st_size > 1000
 

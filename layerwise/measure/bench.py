@@ -55,6 +55,19 @@ def method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict
     return raw
 
 
+def dropout_regime(results: list[dict]) -> str:
+    """What the compared methods differ in besides the method, as far as dropout goes (stated in every report)."""
+    on = {r["frozen_dropout"] for r in results}
+    if on == {True}:
+        return "on in every block for every method (train.frozen_dropout=true): the same regime on both sides of each ratio."
+    if on == {False}:
+        return ("blocks that do not train in a step run in eval mode (no dropout; train.frozen_dropout=false), so a method that "
+                "freezes blocks also skips their dropout while `full` keeps it everywhere; rerun with "
+                "--set train.frozen_dropout=true for the same regime on both sides.")
+    return "differs between entries (train.frozen_dropout per entry): " + ", ".join(
+        f"{r.get('label', r['method'])} {'on' if r['frozen_dropout'] else 'eval mode'}" for r in results) + "."
+
+
 def check_whole_passes(label: str, settings: dict, steps: int, num_blocks: int) -> None:
     """Refuse to time a method that trains its blocks in turn on part of its schedule: the blocks it would
     never reach are the expensive ones (backward runs deepest there)."""
@@ -171,6 +184,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         summary["accounted_over_measured"] = accounted / summary["measured_peak"] if summary["measured_peak"] else None
         summary["predicted"] = profile["methods"].get(name)
         summary["label"] = name
+        summary["frozen_dropout"] = bool(raws[name].get("train", {}).get("frozen_dropout", False))
         results.append(summary)
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
@@ -202,6 +216,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"),
+        "dropout_regime": dropout_regime(results),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "results.md").write_text(render_markdown(meta, results))
@@ -217,6 +232,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Batch {meta['batch_size']} x {meta['seq_len']} tokens (padded), {meta['steps']} steps per method "
         f"(first step not timed), median of {meta['repeats']} run(s), each method in its own process.",
+        f"Dropout: {meta['dropout_regime']}",
         *(
             [
                 f"Load average (1 min) at start / end: {meta['load_average_start'][0]:.1f} / {meta['load_average_end'][0]:.1f} "
