@@ -148,6 +148,12 @@ class Anatomy:
             taken.update(id(p) for p in blocks[j].parameters())
         return _unique_params([blocks[operator.index(i)]], exclude=taken)
 
+    def tied_head(self) -> bool:
+        """True when the output projection shares its weight with the input embeddings (``tie_word_embeddings``):
+        it then trains with the embeddings, and the head group holds only the final norm."""
+        embeddings = {id(p) for p in self.embedding_parameters()}
+        return any(id(p) in embeddings for m in self._current("head") for p in m.parameters())
+
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the final norm and the head, minus any tied to embeddings or blocks."""
         taken = {id(p) for p in self.embedding_parameters()}

@@ -174,6 +174,10 @@ class Run:
                              device=self.device)
         self.method, self.model = setup(mcfg, model, task=self.task, blocks=cfg.blocks, seed=cfg.train.seed,
                                         max_steps=cfg.train.max_steps, context=context, anatomy=anatomy)
+        if self.method.anatomy.tied_head():
+            n = sum(p.numel() for p in self.method.anatomy.head_parameters())
+            log(f"head: the output projection is tied to the input embeddings, so a plan's head trains the final norm only "
+                f"({n:,} parameters); the projection trains when the embeddings do")
         # Memory and disk guards: refuse now, with the estimate, rather than die mid-run.
         check_length(self.model, cfg)
         self.estimate = estimate(self.model, self.method, cfg, self.task)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -85,6 +86,24 @@ def test_cpu_bf16_detection_follows_onednn_and_the_override(monkeypatch):
     code = "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_tied_head_is_said_and_trains_only_the_final_norm(tokenizer, lm_jsonl, tmp_path, capsys):
+    model_dir = tmp_path / "tied"
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    assert train(*common(str(model_dir), lm_jsonl, out, steps=2), "--method", "freeze", "--set", "method.top=1",
+                 "--set", "train.save_model=false") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("head: ")]
+    # Llama's final norm: one weight of hidden size 32; the tied projection is not in the head group.
+    assert said == ["head: the output projection is tied to the input embeddings, so a plan's head trains the final norm "
+                    "only (32 parameters); the projection trains when the embeddings do"]
+    assert json.loads((out / "summary.json").read_text())["trainable_parameters_max"] == (
+        sum(p.numel() for p in model.model.layers[3].parameters()) + 32)
 
 
 def test_causal_lm_lora_saves_merged_model(tiny_llama_dir, lm_jsonl, tmp_path):
