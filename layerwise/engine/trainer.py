@@ -55,7 +55,7 @@ class BatchStream:
     """Endless, resumable batches: epoch ``e`` comes from ``make_loader(e)`` (seeded, so the order is
     reproducible), and ``state_dict()`` records the epoch and how many of its batches were handed out.
     ``load_state_dict()`` makes the next batch the one after that position: the epoch's loader is
-    re-created and its :class:`~layerwise.data.SeededSampler` skips the consumed examples (without
+    re-created and its :class:`~layerwise.data.batches.SeededSampler` skips the consumed examples (without
     collating them); a loader without a resumable sampler has its consumed batches drawn and dropped.
     """
 

@@ -49,8 +49,7 @@ def method_raw(base: dict, name: str, steps: int, num_blocks: int, variant: dict
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))} (--methods)")
     cls = METHODS[name]
-    # The stated defaults fill in only when no per-entry settings were given.
-    given = extra if variant is not None else {**cls.stated_defaults(num_blocks, with_data=True), **extra}
+    given = {**cls.stated_defaults(num_blocks, with_data=True, given=extra), **extra}
     raw["method"] = {"name": name, **cls.fit_schedule(num_blocks, steps, given), **given}
     return raw
 

@@ -125,13 +125,13 @@ def saved_bytes_report(model="minilm", *, batch: int = 32, length: int = 128, va
 
 def print_report(args) -> None:
     """``layerwise measure meft errors|grads|memory [MODEL]``: one of the reports above, printed."""
-    if args.what == "errors":
+    if args.report == "errors":
         rep = reconstruction_report(args.model, batch=args.batch or 2, length=args.length or 32,
                                     variants=tuple(int(v) for v in args.variants.split(",")))
         for prec, by_v in rep.items():
             for v, errs in by_v.items():
                 print(f"{prec} MEFT{v}: " + ", ".join(f"{e:.1e}" for e in errs))
-    elif args.what == "grads":
+    elif args.report == "grads":
         rep = gradient_error_report(args.model, batch=args.batch or 2, length=args.length or 32,
                                     variants=tuple(int(v) for v in args.variants.split(",")))
         for v, by_k in rep.items():

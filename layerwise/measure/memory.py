@@ -64,9 +64,9 @@ def _short_bytes(n: float | None) -> str:
     return f"{n / 2**30:.2f}G" if abs(n) >= 2**30 else f"{n / 2**20:.1f}M"
 
 
-def method_defaults(name: str, num_blocks: int) -> dict:
-    """Config for ``name`` when the user gives none: what needs a choice gets a stated one (no training data here)."""
-    return {"name": name, **METHODS[name].stated_defaults(num_blocks, with_data=False)}
+def method_defaults(name: str, num_blocks: int, given: dict) -> dict:
+    """Config for ``name`` from the settings ``given``: what needs a choice gets a stated one (no training data here)."""
+    return {"name": name, **METHODS[name].stated_defaults(num_blocks, with_data=False, given=given), **given}
 
 
 def synthetic_batch(model, task: str, batch: int, seq: int, seed: int = 0) -> dict:
@@ -237,7 +237,7 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
         log(f"profiling one full fine-tuning step (batch 1, length {seq}) for the cost model ...")
         profile = _profile(cfg, task, seq, num_labels)
     for name in names:
-        mraw = {**method_defaults(name, num_blocks), **((method_overrides or {}).get(name, {}))}
+        mraw = method_defaults(name, num_blocks, (method_overrides or {}).get(name, {}))
         log(f"measuring {name} ...")
         try:
             entry = measure_method(cfg, mraw, task, seq, num_labels=num_labels, log=log)

@@ -40,7 +40,7 @@ def profile_methods(config: str | Path, methods: list[str], steps: int, output: 
             if method.adapter_only:  # it plans over the adapters it injects: prepare a copy of the model
                 method, _ = setup(m_cfg, copy.deepcopy(model), task=run.task, blocks=cfg.blocks, seed=cfg.train.seed,
                                   max_steps=steps, context=run.method.context)
-            # Step 0 is not timed in the bench, so it is left out here too.
+            # The plans of the run's steps 0..steps-1 (the bench times all but the first).
             plans = [method.plan(s) for s in range(steps)]
             predictions[name] = predicted_speedup(prof, method, plans, frozen_eval=not cfg.train.frozen_dropout)
         except Exception as exc:  # the prediction is a side note: never lose the bench over it

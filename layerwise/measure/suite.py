@@ -60,7 +60,7 @@ from layerwise.measure.profile import profile_methods
 from layerwise.measure.report import OVERHEAD_THRESHOLD, PHASES, render, write_docs
 from layerwise.methods import METHODS, method_config, setup
 from layerwise.models import count_blocks, default_task_for, load_tokenizer, resolve_model_path
-from layerwise.preflight import CPU_BF16_ENV, bf16_supported
+from layerwise.preflight import CPU_BF16_ENV, cpu_has_bf16
 from layerwise.run import Run
 
 #: (label, method settings); lift's switch_every and lisa's follow the step budget (one pass of the schedule).
@@ -530,7 +530,8 @@ def run_suite(args) -> dict:
     labels = _labels(args.methods)
     device = _suite_device(getattr(args, "device", None))
     skipped = {}
-    if "bf16" in precisions and not bf16_supported(torch.device(device)):
+    # On CPU only: asking CUDA would initialize it in the driver, and forked workers could not use it then.
+    if device == "cpu" and "bf16" in precisions and not cpu_has_bf16():
         # A bf16 GEMM without bf16 units runs tens of times slower than fp32: such a row measures the fallback, not the method.
         precisions.remove("bf16")
         skipped["bf16"] = (f"skipped: this CPU has no bf16 matrix units (torch sees {torch.backends.cpu.get_cpu_capability()}; "

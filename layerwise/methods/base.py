@@ -131,9 +131,10 @@ class Method:
         pass
 
     @classmethod
-    def stated_defaults(cls, num_blocks: int, *, with_data: bool) -> dict:
+    def stated_defaults(cls, num_blocks: int, *, with_data: bool, given: dict) -> dict:
         """Settings a command that fills in the config for the user (``bench``, ``plan``, the suite) states for
-        this method: those without a default, and (``with_data=False``) those that stand in for training data."""
+        this method beside the ones ``given``: those without a default, and (``with_data=False``) those that
+        stand in for training data."""
         return {}
 
     @classmethod

@@ -36,8 +36,8 @@ class Freeze(Method):
     plan_known_ahead = trainer_ok = fsdp_ok = True
 
     @classmethod
-    def stated_defaults(cls, num_blocks: int, *, with_data: bool) -> dict:
-        return {"top": max(1, num_blocks // 4)}
+    def stated_defaults(cls, num_blocks: int, *, with_data: bool, given: dict) -> dict:
+        return {} if {"layers", "top", "bottom"} & set(given) else {"top": max(1, num_blocks // 4)}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)

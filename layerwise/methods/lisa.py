@@ -31,7 +31,7 @@ class Lisa(Method):
     @classmethod
     def fit_schedule(cls, num_blocks: int, steps: int, given: dict) -> dict:
         # As many phases as disjoint groups of k blocks, so the run sees about one pass of the stack.
-        return {"switch_every": max(1, steps // max(1, num_blocks // given.get("k", 2)))}
+        return {"switch_every": max(1, steps // max(1, num_blocks // given.get("k", LisaConfig.k)))}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)

@@ -63,8 +63,10 @@ class Salf(Method):
     plan_known_ahead = True
 
     @classmethod
-    def stated_defaults(cls, num_blocks: int, *, with_data: bool) -> dict:
-        return {} if with_data else {"budget": 0.5}  # without data the cut comes from the cost model alone
+    def stated_defaults(cls, num_blocks: int, *, with_data: bool, given: dict) -> dict:
+        if with_data or given.get("budget") is not None or given.get("probe") is not None:
+            return {}
+        return {"budget": 0.5}  # without data the cut comes from the cost model alone
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
@@ -113,7 +115,9 @@ class Salf(Method):
         return Plan(self.blocks, embeddings=self.config.embeddings, head=self.config.head)
 
     def finish(self, output) -> dict:
-        out = {"salf": {"cut": self.cut, "cut_from": self.cut_source, "train_blocks": list(self.blocks), "frozen_blocks": list(range(self.cut))}}
+        cut = self.num_blocks - len(self.blocks)  # also when the cut came from the budget alone (no probe ran)
+        out = {"salf": {"cut": cut, "cut_from": self.cut_source or "budget", "train_blocks": list(self.blocks),
+                        "frozen_blocks": list(range(cut))}}
         if self.probe is not None:
             out["salf"]["k_star"] = self.probe["recommendation"]["k_star"]
             if output is not None:
