@@ -15,9 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-# No hub access unless the user explicitly turns it back on; set before the hub libraries are imported (they read it then).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Set before the tokenizers library is imported. The hub is used as huggingface_hub is told (HF_HUB_OFFLINE=1: cache only).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
@@ -42,7 +40,7 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with a method and report what it cost")
     p.add_argument("config", nargs="?", help="YAML config (optional: defaults train LIFT on the packaged MiniLM + Rotten Tomatoes)")
     p.add_argument("--method", help=", ".join(sorted(METHODS)))
-    p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
+    p.add_argument("--model", help="packaged name (minilm, smollm2), local HF folder, .gguf file, or hub id org/name (from the HF cache)")
     p.add_argument("--data", help="local .jsonl/.csv/.parquet file, saved datasets folder, or packaged name (rotten_tomatoes, boolq)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--output", help="run folder (must not exist or be empty)")

@@ -20,6 +20,9 @@ class RunConfig:
     """A whole run. ``method`` is a mapping whose ``name`` selects a registered method; its other keys are that method's typed config."""
 
     model: str = "minilm"
+    """A packaged name (minilm, smollm2), a local folder, a .gguf file, or a hub id (org/name, from the Hugging Face cache)."""
+    model_revision: str | None = None
+    """With a hub id: the branch, tag or commit to use (None: main)."""
     task: Literal["classification", "causal_lm"] | None = None
     blocks: str | None = None
     """Dotted path of the transformer blocks (nn.ModuleList) for architectures layerwise does not know."""

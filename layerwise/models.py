@@ -1,7 +1,8 @@
-"""Models: packaged names, local folders and GGUF files -> a local Hugging Face folder -> model + tokenizer.
+"""Models: packaged names, local folders, GGUF files and hub ids -> a local Hugging Face folder -> model + tokenizer.
 
-Nothing here touches the network: every ``from_pretrained`` gets ``local_files_only=True`` and a
-model that is not on disk fails with a :class:`~layerwise.errors.ModelError` that says how to get it.
+A hub id (``org/name``) resolves through huggingface_hub's cache: downloaded when online, read from the
+cache when ``HF_HUB_OFFLINE=1``; not cached while offline fails with a :class:`~layerwise.errors.ModelError`
+that says how to get it. Loading then reads that folder only (``local_files_only=True``); safetensors only.
 
 GGUF files (the packaged SmolLM2 is one) are dequantised once into an ordinary float32
 safetensors folder under the cache (``$LAYERWISE_CACHE``, default ``~/.cache/layerwise``) and
@@ -25,6 +26,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from layerwise.engine.io import swap_folder
@@ -81,12 +91,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERWISE_CACHE") or "~/.cache/layerwise").expanduser()
 
 
-def _offline_error(spec: str) -> ModelError:
-    return ModelError(
-        f"model '{spec}' is not a local folder, a .gguf file, or a packaged model ({', '.join(PACKAGED_MODELS)}), "
-        f"and the hub is offline (HF_HUB_OFFLINE=1): download it first (huggingface-cli download {spec} --local-dir DIR) "
-        f"and pass --model DIR"
-    )
+#: What a model folder needs from the hub: configs, tokenizer files and safetensors weights (never pickles).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+
+
+def _from_hub(spec: str, revision: str | None) -> str:
+    """The cached snapshot folder of hub model ``spec`` (downloaded first when the hub is reachable)."""
+    try:
+        return snapshot_download(spec, revision=revision, allow_patterns=HUB_FILES)
+    except (HFValidationError, OfflineModeIsEnabled, LocalEntryNotFoundError):
+        hub = "the hub is offline (HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise ModelError(
+            f"model '{spec}' is not a local folder, a .gguf file or a packaged model ({', '.join(PACKAGED_MODELS)}), nor in "
+            f"the local Hugging Face cache, and {hub}: download it once online (huggingface-cli download {spec}) "
+            f"or pass a local folder with --model DIR"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelError(f"model '{spec}'{f' at revision {revision!r}' if revision else ''} is not on the hub "
+                         f"({type(exc).__name__}): check the id and the revision") from None
 
 
 def package_dir(package: str, pip_name: str, what: str, error: type[LayerwiseError] = ModelError) -> Path:
@@ -211,8 +233,9 @@ def _gguf_folder(gguf: Path, cache_name: str | None = None) -> Path:
     return target
 
 
-def resolve_model_path(spec: str) -> str:
-    """Local Hugging Face folder for ``spec``: a packaged name, a ``.gguf`` file (converted once) or a folder with config.json."""
+def resolve_model_path(spec: str, revision: str | None = None) -> str:
+    """Local Hugging Face folder for ``spec``: a packaged name, a ``.gguf`` file (converted once), a folder with
+    config.json, or a hub id (its cached snapshot at ``revision``)."""
     spec = str(spec)
     if spec in PACKAGED_MODELS and not Path(spec).exists():
         packaged = PACKAGED_MODELS[spec]
@@ -233,7 +256,7 @@ def resolve_model_path(spec: str) -> str:
         raise ModelError(f"model folder '{spec}' has no config.json: pass a Hugging Face model folder (save_pretrained output), a .gguf file, or a packaged model ({', '.join(PACKAGED_MODELS)})")
     if path.is_file():
         raise ModelError(f"model file '{spec}' is not a .gguf file: pass the folder that holds its config.json (or a .gguf file)")
-    raise _offline_error(spec)
+    return _from_hub(spec, revision)
 
 
 def _config_fields(spec_or_config: Any) -> dict:
@@ -330,6 +353,7 @@ def load_model_and_tokenizer(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     label_names: list[str] | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any, dict]:
     """Load ``spec`` (see :func:`resolve_model_path`) for ``task``; returns (model, tokenizer, info).
 
@@ -342,7 +366,7 @@ def load_model_and_tokenizer(
     """
     if task not in TASKS:
         raise ModelError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, revision)
     refuse_pickle_weights(path, spec)
     if trust_remote_code:
         print(f"layerwise: trust_remote_code is ON for {spec}: code from that folder will run", file=sys.stderr, flush=True)

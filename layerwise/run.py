@@ -110,7 +110,7 @@ def load_inputs(cfg: RunConfig, splits: Splits | None = None):
     """Task, tokenized splits, model, tokenizer, model info and anatomy for ``cfg``: what every
     command that runs a model on data (train, probe) loads first. Bad input raises LayerwiseError.
     ``splits``: the data of ``cfg``, loaded already (the suite loads it once for many runs)."""
-    task = cfg.task or default_task_for(resolve_model_path(cfg.model))
+    task = cfg.task or default_task_for(resolve_model_path(cfg.model, cfg.model_revision))
     splits = splits or load_splits(cfg.data, task)
     num_labels = len(splits.label_names) if splits.label_names else None
     model, tokenizer, info = load_model_and_tokenizer(
@@ -119,6 +119,7 @@ def load_inputs(cfg: RunConfig, splits: Splits | None = None):
         num_labels=num_labels,
         trust_remote_code=cfg.trust_remote_code,
         label_names=splits.label_names,
+        revision=cfg.model_revision,
     )
     try:
         anatomy = find_anatomy(model, cfg.blocks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +39,41 @@ def test_unknown_model_is_an_offline_model_error(spec):
         resolve_model_path(spec)
     msg = str(info.value)
     assert "offline" in msg and spec in msg and "huggingface-cli download" in msg and "\n" not in msg
+
+
+def hub_cache(home: Path, repo_id: str, files: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """Lay ``files`` out as huggingface_hub's cache keeps a downloaded model: snapshots/REV/... and refs/main."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in files.iterdir():
+        (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_a_hub_id_trains_from_the_local_cache_offline(tmp_path, cls_jsonl):
+    from conftest import minilm_path
+
+    home = tmp_path / "hf"
+    hub_cache(home, "sentence-transformers/all-MiniLM-L6-v2", Path(minilm_path()))
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    common = ["--data", cls_jsonl, "--max-steps", "2", "--set", "train.batch_size=4", "--set", "data.max_length=16",
+              "--set", "train.progress=false", "--set", "train.save_model=false", "--set", "train.eval_before=false"]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "layerwise", "train", "--model", "sentence-transformers/all-MiniLM-L6-v2",
+                           *common, "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "sentence-transformers/all-MiniLM-L6-v2" and summary["steps"] == 2
+    assert summary["model_info"]["path"].startswith(str(home / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"))
+    # Not in the cache while offline: one line naming the id and the fix; no run folder.
+    proc = subprocess.run([sys.executable, "-m", "layerwise", "train", "--model", "sentence-transformers/not-cached",
+                           *common, "--output", str(tmp_path / "none")], env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "'sentence-transformers/not-cached'" in err[0] and "huggingface-cli download" in err[0] and "offline" in err[0]
+    assert not (tmp_path / "none").exists()
 
 
 def test_folder_without_config_and_bad_task(tmp_path):
