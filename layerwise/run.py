@@ -39,6 +39,7 @@ from layerwise.methods.base import RunContext
 from layerwise.models import default_task_for, load_model_and_tokenizer, resolve_model_path
 from layerwise.preflight import check_length, check_resources, estimate, warn_slow_bf16
 from layerwise.schema import to_dict
+from layerwise.tracking import Trackers, check_trackers
 
 
 def default_output(cfg: RunConfig) -> Path:
@@ -146,6 +147,8 @@ class Run:
         self.resume = resume
         self.stop_at = stop_at
         self.prefix_cache = None  # train.prefix_cache, opened in execute(); the training loader then yields example indices
+        self.trackers: Trackers | None = None  # train.report_to, started in execute() once the run folder exists
+        check_trackers(cfg.train.report_to)  # a tracker whose package is missing fails now, before anything is written
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         # Data parallel (torchrun / accelerate launch): (rank, world) or None; rank 0 writes the run folder.
@@ -236,6 +239,9 @@ class Run:
                 resolved["method"] = to_dict(self.mcfg)
                 resolved["task"] = self.task
                 (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            if tcfg.report_to and not self.rank:
+                self.trackers = Trackers(tcfg.report_to, out, out.name, {**to_dict(cfg), "method": to_dict(self.mcfg)})
+                cleanup.callback(self.trackers.finish)
             try:
                 summary = self._train(trainer, eval_loader, out, loop_state)
             except BaseException:
@@ -323,6 +329,11 @@ class Run:
                     }
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                    if self.trackers is not None:
+                        self.trackers.log({"train/loss": row["loss"], "train/lr": rec.lr, "train/tokens_per_s": row["tokens_per_s"],
+                                           "train/active_blocks": len(rec.plan.blocks),
+                                           "memory/measured_peak_bytes": trainer.peak_memory.peak_above_baseline(),
+                                           **{f"memory/{k}_bytes": v for k, v in rec.bytes.items()}}, step=rec.step + 1)
                     window_loss, window_tokens, window_seconds, window_n = 0.0, 0, 0.0, 0
                     window_skipped = 0
                 step = trainer.step_index
@@ -358,6 +369,8 @@ class Run:
         eval_after = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_after else None
         if eval_after:
             self.log(f"held-out {metric} after:  {eval_after[metric]:.4f}")
+            if self.trackers is not None:
+                self.trackers.log({f"eval/{k}": v for k, v in eval_after.items()}, step=totals.steps)
         summary = {
             "layerwise_version": __version__,
             "method": self.method.name,

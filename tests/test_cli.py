@@ -113,6 +113,27 @@ def test_a_tied_head_is_said_and_trains_only_the_final_norm(tokenizer, lm_jsonl,
         sum(p.numel() for p in model.model.layers[3].parameters()) + 32)
 
 
+def test_tensorboard_holds_the_config_and_every_logged_step(tiny_bert_dir, cls_jsonl, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, cls_jsonl, out), "--set", "train.report_to=[tensorboard]", "--set", "train.save_model=false") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard" / "run"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # Every metrics.jsonl row, as the trackers saw it; the held-out result at the last step.
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [s for s, _ in scalars["train/lr"]] == [2, 4] and [s for s, _ in scalars["train/tokens_per_s"]] == [2, 4]
+    assert all(v > 0 for _, v in scalars["memory/measured_peak_bytes"] + scalars["memory/activations_bytes"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert scalars["eval/accuracy"] == [(4, pytest.approx(summary["eval"]["accuracy"], rel=1e-6))]
+    hparams = next((out / "tensorboard" / "run").rglob("hparams.yml")).read_text()
+    assert "train.batch_size: 4" in hparams and "method.name: lift" in hparams
+    assert train(*common(tiny_bert_dir, cls_jsonl, tmp_path / "b"), "--set", "train.report_to=[neptune]") == 2
+    assert "'neptune' is not a tracker" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_causal_lm_lora_saves_merged_model(tiny_llama_dir, lm_jsonl, tmp_path):
     out = tmp_path / "run"
     assert train(*common(tiny_llama_dir, lm_jsonl, out), "--method", "lora", "--set", "method.target_modules=[q_proj,v_proj]") == 0

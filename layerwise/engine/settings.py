@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from layerwise.errors import ConfigError
+from layerwise.tracking import TRACKERS
 
 
 @dataclass
@@ -77,6 +78,9 @@ class TrainConfig:
     ``auto`` does so when the run can and covers at least two passes over the data; ``off`` never."""
     prefix_cache_dtype: Literal["bf16", "fp32"] = "bf16"
     """Storage dtype of the prefix cache (fp32: exact, twice the size)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers (tensorboard, trackio, wandb, mlflow): the config as hyperparameters, every logged
+    step's loss, lr, tokens/s, memory and active blocks, and the held-out results. Default: none."""
     prefix_cache_dir: str | None = None
     """Root folder of prefix caches; None: ``$LAYERWISE_CACHE/prefix`` (default ``~/.cache/layerwise/prefix``)."""
 
@@ -112,6 +116,9 @@ class TrainConfig:
                 f"config key 'train.frozen_master_dir' is only used with train.frozen_master=disk (it is {self.frozen_master!r}): "
                 "set train.frozen_master=disk or drop train.frozen_master_dir"
             )
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"config key 'train.report_to': '{unknown[0]}' is not a tracker: choose from {', '.join(TRACKERS)}")
         if isinstance(self.prefix_cache, bool):  # YAML reads a bare on/off as true/false
             self.prefix_cache = "on" if self.prefix_cache else "off"
         if self.prefix_cache not in ("off", "auto", "on"):
