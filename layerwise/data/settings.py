@@ -20,6 +20,13 @@ class DataConfig:
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    """causal_lm: the response to the prompt (loss on it only); TRL's name ``completion`` is read when there is no ``response``."""
+    messages_column: str = "messages"
+    """causal_lm chat data: a list of ``{"role", "content"}`` turns per row, rendered with the tokenizer's chat template;
+    the loss covers the assistant turns only."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """auto: chat data (messages) through the tokenizer's chat template, prompt/response as plain text; on: prompt/response
+    too, as one user and one assistant turn; off: no template (messages are refused)."""
     labels: list[str] | None = None
     """The label set in id order; None: the sorted unique values (int labels must then be 0..K-1)."""
     eval_size: float | int = 0.1

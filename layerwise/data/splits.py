@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,6 +111,21 @@ def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list
     return [ids[k] for k in keys], [str(v) for v in values]
 
 
+def _turns(value: Any, source: str) -> str:
+    """One chat as JSON text (datasets keeps it as one string column): a list of {"role", "content"} turns."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    ok = isinstance(value, list) and value and all(
+        isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value)
+    if not ok or not any(t["role"] == "assistant" for t in value):
+        raise DataError(f"'{source}': a chat must be a list of {{\"role\": ..., \"content\": ...}} turns with at least one "
+                        f"assistant turn, got {str(value)[:80]!r}: fix that row or set data.messages_column")
+    return json.dumps([{"role": t["role"], "content": t["content"]} for t in value])
+
+
 def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, tuple[str, ...]]:
     """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
     out: list[dict[str, list]] = []
@@ -134,14 +150,21 @@ def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tu
             start += len(labels)
         columns = ("text", "text_pair") if pair_col else ("text",)
         return out, names, columns
-    # causal_lm: prompt + response (loss on the response) when both columns exist, else plain text.
+    # causal_lm: chat turns, or prompt + response (loss on the response), or plain text.
     first = parts[0]
-    has_p, has_r = cfg.prompt_column in first.columns, cfg.response_column in first.columns
+    if cfg.messages_column in first.columns:
+        for part in parts:
+            out.append({"messages": [_turns(v, source) for v in _require(part, cfg.messages_column, "messages_column", source, "chats")]})
+        return out, None, ("messages",)
+    response_column = cfg.response_column
+    if response_column == "response" and "response" not in first.columns and "completion" in first.columns:
+        response_column = "completion"  # TRL's prompt/completion columns
+    has_p, has_r = cfg.prompt_column in first.columns, response_column in first.columns
     if has_p and has_r:
         for part in parts:
             out.append({
                 "prompt": _texts(_require(part, cfg.prompt_column, "prompt_column", source, "prompts")),
-                "response": _texts(_require(part, cfg.response_column, "response_column", source, "responses")),
+                "response": _texts(_require(part, response_column, "response_column", source, "responses")),
             })
         return out, None, ("prompt", "response")
     if cfg.text_column in first.columns:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from dataclasses import replace
 from typing import Iterator
 
@@ -10,6 +12,9 @@ from layerwise.data.settings import DataConfig
 from layerwise.data.splits import Splits
 from layerwise.errors import ConfigError, DataError
 from layerwise.models import TASKS
+
+#: How a chat template marks the assistant text it can report as a mask (transformers' own test).
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @contextlib.contextmanager
@@ -61,6 +66,33 @@ def _fit_prompt(prompt: list[int], response: list[int], max_length: int, special
     return prompt, response[: max_length - len(prompt)]
 
 
+def _template(tokenizer, chat: list[dict], **kw) -> list[int]:
+    return list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+
+def chat_tokens(tokenizer, chat: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of ``chat`` rendered with the tokenizer's chat template, and labels that are the ids on the
+    assistant turns and -100 elsewhere. A template that marks its assistant text (``{% generation %}``)
+    gives the mask itself; otherwise each assistant turn is the span between the chat up to it (with the
+    generation prompt) and the chat through it."""
+    if GENERATION_TAG.search(tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        return ids, [t if m else -100 for t, m in zip(ids, enc["assistant_masks"])]
+    ids = _template(tokenizer, chat)
+    labels = [-100] * len(ids)
+    for i, turn in enumerate(chat):
+        if turn["role"] != "assistant":
+            continue
+        start = len(_template(tokenizer, chat[:i], add_generation_prompt=True)) if i else 0
+        end = len(_template(tokenizer, chat[: i + 1]))
+        if ids[:end] != _template(tokenizer, chat[: i + 1]):
+            raise DataError("this chat template renders a conversation differently from its beginning, so the assistant "
+                            "turns cannot be found: use a template with {% generation %} marks")
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
 def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Splits:
     """Tokenize both splits: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``.
 
@@ -90,6 +122,28 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
             keep = [i for i, ids in enumerate(out["input_ids"]) if len(ids) > 0]
             if len(keep) < len(out["input_ids"]):
                 out = {k: [v[i] for i in keep] for k, v in out.items()}
+            return out
+
+    elif "messages" in columns or ("prompt" in columns and cfg.chat_template == "on"):
+        if cfg.chat_template == "off":
+            raise DataError("data.chat_template=off, but the data are chats (messages): set data.chat_template=auto to render them")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the data are chats (messages), but this model's tokenizer has no chat template: use a chat model, "
+                            "or prompt/response columns with data.chat_template=off")
+
+        def fn(batch: dict) -> dict:
+            chats = ([json.loads(m) for m in batch["messages"]] if "messages" in batch else
+                     [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                      for p, r in zip(batch["prompt"], batch["response"])])
+            out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+            for chat in chats:
+                ids, labels = chat_tokens(tokenizer, chat)
+                ids, labels = ids[:L], labels[:L]
+                if not _has_label(labels):
+                    continue
+                out["input_ids"].append(ids)
+                out["attention_mask"].append([1] * len(ids))
+                out["labels"].append(labels)
             return out
 
     elif "prompt" in columns:
