@@ -57,6 +57,10 @@ def test_lisa_picks_k_blocks_and_keeps_embeddings_and_head(anatomy):
     assert len(p.blocks) == 2 and p.embeddings and p.head
     assert m.plan(4) == p
     assert len({m.plan(5 * i).blocks for i in range(10)}) > 1
+    # The same blocks, with the embeddings (and head) left out: backward then stops at the lowest chosen block.
+    lean = make(anatomy, name="lisa", k=2, switch_every=5, embeddings="never", head="never")
+    assert [lean.plan(s).blocks for s in range(0, 50, 5)] == [m.plan(s).blocks for s in range(0, 50, 5)]
+    assert not lean.plan(0).embeddings and not lean.plan(0).head and lean.plan(0).lowest == min(p.blocks)
 
 
 def test_freeze_variants(anatomy):

@@ -1,8 +1,9 @@
 """``lisa``: the LISA peer (LMFlow): ``k`` random blocks every ``switch_every`` steps,
-embeddings and head always trained. Unlike the reference, the optimizer owns only the
-active parameters, and blocks chosen at step 0 train too."""
+embeddings and head trained always (the reference) or never. Unlike the reference, the optimizer
+owns only the active parameters, and blocks chosen at step 0 train too."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -16,6 +17,9 @@ class LisaConfig:
     name: str = "lisa"
     k: int = 2
     switch_every: int = 20
+    embeddings: Literal["always", "never"] = "always"
+    """never: the embeddings stay frozen, so backward stops at the lowest chosen block (as lift's default)."""
+    head: Literal["always", "never"] = "always"
 
     def validate(self) -> None:
         if self.k < 1 or self.switch_every < 1:
@@ -42,4 +46,4 @@ class Lisa(Method):
         phase = step // self.config.switch_every
         perm = torch.randperm(self.num_blocks, generator=seeded_generator(self.seed, 7, phase))
         blocks = tuple(sorted(perm[: self.config.k].tolist()))
-        return Plan(blocks, embeddings=True, head=True)
+        return Plan(blocks, embeddings=self.config.embeddings == "always", head=self.config.head == "always")
