@@ -19,14 +19,21 @@ def base_model_id(spec: str) -> str | None:
     return spec if "/" in spec and not Path(spec).expanduser().exists() else None
 
 
+def _command() -> str:
+    """The command line that ran, when it was layerwise's (``layerwise ...`` or ``python -m layerwise ...``)."""
+    program = Path(sys.argv[0])
+    if program.name == "layerwise" or (program.name == "__main__.py" and program.parent.name == "layerwise"):
+        return "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "(trained from Python: layerwise.run.train)"
+
+
 def write_model_card(folder: Path, summary: dict, config: dict) -> None:
-    """``folder/README.md``: YAML metadata (base_model, library_name, tags, datasets) and what the run did and measured."""
+    """``folder/README.md``: YAML metadata (base_model, library_name, tags) and what the run did and measured."""
     data = summary["data"]
     card_data = ModelCardData(
         base_model=base_model_id(summary["model"]),
         library_name="transformers",
         tags=["layerwise", summary["method"], summary["task"]],
-        datasets=[data] if "/" in data and not Path(data).exists() else None,
     )
     memory = summary["memory"]
     evaluation = summary.get("eval") or {}
@@ -54,8 +61,7 @@ def write_model_card(folder: Path, summary: dict, config: dict) -> None:
         "## Command",
         "",
         "```bash",
-        "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name in ("layerwise", "__main__.py")
-        else "(called from Python)",
+        _command(),
         "```",
         "",
     ]

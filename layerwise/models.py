@@ -29,6 +29,8 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -96,7 +98,7 @@ def cache_dir() -> Path:
 
 
 #: What a model folder needs from the hub: configs, tokenizer files and safetensors weights (never pickles).
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.py"]
 
 
 def _from_hub(spec: str, revision: str | None) -> str:
@@ -107,12 +109,18 @@ def _from_hub(spec: str, revision: str | None) -> str:
         hub = "the hub is offline (HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise ModelError(
             f"model '{spec}' is not a local folder, a .gguf file or a packaged model ({', '.join(PACKAGED_MODELS)}), nor in "
-            f"the local Hugging Face cache, and {hub}: download it once online (huggingface-cli download {spec}) "
+            f"the local Hugging Face cache, and {hub}: download it once online (hf download {spec}) "
             f"or pass a local folder with --model DIR"
         ) from None
+    except GatedRepoError:
+        raise ModelError(f"model '{spec}' is gated: accept its terms on the hub, then log in (hf auth login) or set HF_TOKEN") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ModelError(f"model '{spec}'{f' at revision {revision!r}' if revision else ''} is not on the hub "
-                         f"({type(exc).__name__}): check the id and the revision") from None
+        raise ModelError(f"model '{spec}'{f' at revision {revision!r}' if revision else ''} was not found on the hub "
+                         f"({type(exc).__name__}): check the id and the revision; a private model needs a login "
+                         f"(hf auth login) or HF_TOKEN") from None
+    except HfHubHTTPError as exc:
+        raise ModelError(f"model '{spec}': the hub refused the download ({' '.join(str(exc).split())[:200]}): "
+                         f"check HF_TOKEN or try again") from None
 
 
 def package_dir(package: str, pip_name: str, what: str, error: type[LayerwiseError] = ModelError) -> Path:

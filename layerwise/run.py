@@ -240,7 +240,12 @@ class Run:
                 resolved["task"] = self.task
                 (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             if tcfg.report_to and not self.rank:
-                self.trackers = Trackers(tcfg.report_to, out, out.name, {**to_dict(cfg), "method": to_dict(self.mcfg)})
+                try:
+                    self.trackers = Trackers(tcfg.report_to, out, out.name, {**to_dict(cfg), "method": to_dict(self.mcfg)})
+                except ConfigError:
+                    if self.checkpoint is None:
+                        shutil.rmtree(out, ignore_errors=True)  # a new run that never started leaves no folder
+                    raise
                 cleanup.callback(self.trackers.finish)
             try:
                 summary = self._train(trainer, eval_loader, out, loop_state)

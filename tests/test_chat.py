@@ -90,6 +90,16 @@ def test_chats_and_trl_columns_train_end_to_end(tokenizer, tmp_path):
         assert ("user" in tok.decode(row["input_ids"])) == (mode == "on")  # the role header only with the template
 
 
+def test_trl_conversational_prompt_completion_is_one_chat(tmp_path):
+    rows = tmp_path / "conv.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}],
+                                        "completion": [{"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(4)))
+    splits = load_splits(DataConfig(source=str(rows), eval_size=1), "causal_lm")
+    assert splits.columns == ("messages",)
+    assert [json.loads(m) for m in splits.train["messages"]][0] in (
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(4))
+
+
 def test_chats_need_a_template(tokenizer, tmp_path):
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
@@ -100,3 +110,7 @@ def test_chats_need_a_template(tokenizer, tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
     with pytest.raises(DataError, match="at least one assistant turn"):
         load_splits(DataConfig(source=str(bad), eval_size=1), "causal_lm")
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"messages": CHAT[1:]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(DataError, match="starts with a user or system turn"):
+        load_splits(DataConfig(source=str(first), eval_size=1), "causal_lm")

@@ -38,7 +38,7 @@ def test_unknown_model_is_an_offline_model_error(spec):
     with pytest.raises(ModelError) as info:
         resolve_model_path(spec)
     msg = str(info.value)
-    assert "offline" in msg and spec in msg and "huggingface-cli download" in msg and "\n" not in msg
+    assert "offline" in msg and spec in msg and "hf download" in msg and "\n" not in msg
 
 
 def hub_cache(home: Path, repo_id: str, files: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
@@ -72,7 +72,7 @@ def test_a_hub_id_trains_from_the_local_cache_offline(tmp_path, cls_jsonl):
                            *common, "--output", str(tmp_path / "none")], env=env, capture_output=True, text=True, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
-    assert "'sentence-transformers/not-cached'" in err[0] and "huggingface-cli download" in err[0] and "offline" in err[0]
+    assert "'sentence-transformers/not-cached'" in err[0] and "hf download" in err[0] and "offline" in err[0]
     assert not (tmp_path / "none").exists()
 
 

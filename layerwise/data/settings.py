@@ -26,7 +26,7 @@ class DataConfig:
     the loss covers the assistant turns only."""
     chat_template: Literal["auto", "on", "off"] = "auto"
     """auto: chat data (messages) through the tokenizer's chat template, prompt/response as plain text; on: prompt/response
-    too, as one user and one assistant turn; off: no template (messages are refused)."""
+    too, as one user and one assistant turn; off: no template (the messages column is not read)."""
     labels: list[str] | None = None
     """The label set in id order; None: the sorted unique values (int labels must then be 0..K-1)."""
     eval_size: float | int = 0.1

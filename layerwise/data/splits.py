@@ -120,9 +120,10 @@ def _turns(value: Any, source: str) -> str:
             value = None
     ok = isinstance(value, list) and value and all(
         isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value)
-    if not ok or not any(t["role"] == "assistant" for t in value):
-        raise DataError(f"'{source}': a chat must be a list of {{\"role\": ..., \"content\": ...}} turns with at least one "
-                        f"assistant turn, got {str(value)[:80]!r}: fix that row or set data.messages_column")
+    if not ok or not any(t["role"] == "assistant" for t in value) or value[0]["role"] == "assistant":
+        raise DataError(f"'{source}': a chat must be a list of {{\"role\": ..., \"content\": ...}} turns that starts with a "
+                        f"user or system turn and has at least one assistant turn, got {str(value)[:80]!r}: fix that row "
+                        f"or set data.messages_column")
     return json.dumps([{"role": t["role"], "content": t["content"]} for t in value])
 
 
@@ -150,16 +151,22 @@ def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tu
             start += len(labels)
         columns = ("text", "text_pair") if pair_col else ("text",)
         return out, names, columns
-    # causal_lm: chat turns, or prompt + response (loss on the response), or plain text.
+    # causal_lm: prompt + response (loss on the response), or chat turns, or plain text.
     first = parts[0]
-    if cfg.messages_column in first.columns:
-        for part in parts:
-            out.append({"messages": [_turns(v, source) for v in _require(part, cfg.messages_column, "messages_column", source, "chats")]})
-        return out, None, ("messages",)
     response_column = cfg.response_column
     if response_column == "response" and "response" not in first.columns and "completion" in first.columns:
         response_column = "completion"  # TRL's prompt/completion columns
     has_p, has_r = cfg.prompt_column in first.columns, response_column in first.columns
+    if has_p and has_r and first.num_rows and isinstance(first.get(cfg.prompt_column)[0], list):
+        # TRL's conversational prompt/completion: lists of turns, one chat when joined.
+        for part in parts:
+            pairs = zip(part.get(cfg.prompt_column), part.get(response_column))
+            out.append({"messages": [_turns(list(p or []) + list(c or []), source) for p, c in pairs]})
+        return out, None, ("messages",)
+    if cfg.messages_column in first.columns and cfg.chat_template != "off" and not (has_p and has_r):
+        for part in parts:
+            out.append({"messages": [_turns(v, source) for v in _require(part, cfg.messages_column, "messages_column", source, "chats")]})
+        return out, None, ("messages",)
     if has_p and has_r:
         for part in parts:
             out.append({

@@ -125,11 +125,10 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
             return out
 
     elif "messages" in columns or ("prompt" in columns and cfg.chat_template == "on"):
-        if cfg.chat_template == "off":
-            raise DataError("data.chat_template=off, but the data are chats (messages): set data.chat_template=auto to render them")
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("the data are chats (messages), but this model's tokenizer has no chat template: use a chat model, "
-                            "or prompt/response columns with data.chat_template=off")
+            what = "the data are chats (messages)" if "messages" in columns else "data.chat_template=on"
+            raise DataError(f"{what}, but this model's tokenizer has no chat template: use a chat model"
+                            + (", or prompt/response columns" if "messages" in columns else ", or data.chat_template=auto"))
 
         def fn(batch: dict) -> dict:
             chats = ([json.loads(m) for m in batch["messages"]] if "messages" in batch else
