@@ -227,13 +227,6 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 matrix products run at hardware speed on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
 def bf16_slowdown(n: int = 256, reps: int = 3) -> float:
     """How many times slower an ``n``^3 bf16 matrix product runs than a float32 one here (medians)."""
     seconds = {}

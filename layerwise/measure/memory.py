@@ -44,7 +44,6 @@ from layerwise.models import default_task_for, load_model_and_tokenizer, resolve
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-COMPONENTS = ("weights", "grads", "optimizer", "activations")
 
 
 def parse_memory(text: str) -> int:
