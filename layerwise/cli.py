@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from layerwise.config import resolve  # noqa: E402
-from layerwise.data import make_loader  # noqa: E402
+from layerwise.data import PACKAGED_DATA, make_loader  # noqa: E402
 from layerwise.engine import resolve_device  # noqa: E402
 from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
 from layerwise.measure import meft as meft_reports  # noqa: E402
@@ -41,7 +41,7 @@ def _train_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional: defaults train LIFT on the packaged MiniLM + Rotten Tomatoes)")
     p.add_argument("--method", help=", ".join(sorted(METHODS)))
     p.add_argument("--model", help="packaged name (minilm, smollm2), local HF folder, .gguf file, or hub id org/name (from the HF cache)")
-    p.add_argument("--data", help="local .jsonl/.csv/.parquet file, saved datasets folder, or packaged name (rotten_tomatoes, boolq)")
+    p.add_argument("--data", help=f"local .jsonl/.csv/.parquet file, saved datasets folder, or packaged name ({', '.join(PACKAGED_DATA)})")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--output", help="run folder (must not exist or be empty)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4 or method.k=2")
@@ -75,7 +75,7 @@ def _probe_parser(sub) -> None:
     p = sub.add_parser("probe", help="SALF probe: which blocks are worth fine-tuning on this data (probe.json, probe.png)")
     p.add_argument("config", nargs="?", help="YAML config (optional: defaults probe the packaged MiniLM + Rotten Tomatoes)")
     p.add_argument("--model", help="local HF folder, .gguf file, or packaged name (minilm, smollm2)")
-    p.add_argument("--data", help="local data file or packaged name (rotten_tomatoes, boolq)")
+    p.add_argument("--data", help=f"local data file or packaged name ({', '.join(PACKAGED_DATA)})")
     p.add_argument("--samples", type=int, default=512, help="training examples in the probe's forward pass (default 512)")
     p.add_argument("--budget", type=float, help="fraction of full fine-tuning's backward cost, e.g. 0.5: how many top blocks fit")
     p.add_argument("--output", required=True, help="folder for probe.json and probe.png (must not exist or be empty)")

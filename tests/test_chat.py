@@ -114,3 +114,29 @@ def test_chats_need_a_template(tokenizer, tmp_path):
     first.write_text(json.dumps({"messages": CHAT[1:]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
     with pytest.raises(DataError, match="starts with a user or system turn"):
         load_splits(DataConfig(source=str(first), eval_size=1), "causal_lm")
+
+
+def test_packaged_boolq_chat_holds_out_the_same_examples_as_boolq(smollm2_tokenizer):
+    plain = load_splits(DataConfig(source="boolq"), "causal_lm")
+    chat = load_splits(DataConfig(source="boolq_chat"), "causal_lm")
+    assert chat.columns == ("messages",) and chat.eval.num_rows == plain.eval.num_rows >= 1000
+    for prompt, response, messages in zip(plain.eval["prompt"][:50], plain.eval["response"][:50], chat.eval["messages"][:50]):
+        user, assistant = json.loads(messages)
+        passage, question = prompt.rsplit("\nQuestion: ", 1)
+        assert user == {"role": "user", "content": f"{passage}\n\nQuestion: {question.removesuffix(chr(10) + 'Answer:')} Answer yes or no."}
+        assert assistant == {"role": "assistant", "content": response.strip()}
+    cfg = DataConfig(source="boolq_chat", max_length=512, max_train_samples=8, max_eval_samples=8)
+    row = tokenize_splits(load_splits(cfg, "causal_lm"), smollm2_tokenizer, cfg, "causal_lm").train[0]
+    # The loss covers the answer and its end-of-turn token only.
+    assert spans(smollm2_tokenizer, row["input_ids"], row["labels"])[0] in ("yes<|im_end|>\n", "no<|im_end|>\n")
+    with pytest.raises(DataError, match="chat data for a causal LM"):
+        load_splits(DataConfig(source="boolq_chat"), "classification")
+
+
+def test_packaged_chatterbot_conversations_alternate_user_and_assistant():
+    splits = load_splits(DataConfig(source="chatterbot"), "causal_lm")
+    chats = [json.loads(m) for m in splits.train["messages"]] + [json.loads(m) for m in splits.eval["messages"]]
+    assert len(chats) > 2000 and splits.eval.num_rows == round(0.1 * len(chats))
+    for chat in chats:
+        assert [t["role"] for t in chat] == ["user", "assistant"] * (len(chat) // 2) + ["user"] * (len(chat) % 2)
+        assert all(isinstance(t["content"], str) for t in chat)

@@ -13,7 +13,7 @@ class DataConfig:
     """Where the data comes from and how it becomes batches (the ``data:`` section of a run config)."""
 
     source: str = "rotten_tomatoes"
-    """Packaged short name ('rotten_tomatoes', 'boolq'), a local .jsonl/.json/.csv/.parquet file, or a save_to_disk folder."""
+    """Packaged short name ('rotten_tomatoes', 'boolq', 'boolq_chat', 'chatterbot'), a local .jsonl/.json/.csv/.parquet file, or a save_to_disk folder."""
     text_column: str = "text"
     text_pair_column: str | None = None
     """Second text of a pair (classification); None: use 'text_pair' when the data has it."""

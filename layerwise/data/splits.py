@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.data.settings import DataConfig
-from layerwise.data.sources import PACKAGED_DATA, Part, boolq, read_source, rotten_tomatoes
+from layerwise.data.sources import PACKAGED_DATA, Part, boolq, chatterbot, read_source, rotten_tomatoes
 from layerwise.errors import ConfigError, DataError
 from layerwise.models import TASKS
 
@@ -190,15 +190,27 @@ def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tu
     )
 
 
+def _boolq_chat(question: str, passage: str, answer: int) -> str:
+    return json.dumps([{"role": "user", "content": f"{passage}\n\nQuestion: {question}? Answer yes or no."},
+                       {"role": "assistant", "content": "yes" if answer else "no"}])
+
+
 def _packaged(cfg: DataConfig, task: str) -> tuple[Any, Any, list[str] | None, tuple[str, ...]]:
     import datasets
 
     name = cfg.source
+    if name in ("boolq_chat", "chatterbot") and task != "causal_lm":
+        raise DataError(f"packaged '{name}' is chat data for a causal LM, not {task}: use a decoder model, or 'boolq' / "
+                        f"'rotten_tomatoes' for classification")
+    if name == "chatterbot":
+        full = datasets.Dataset.from_dict(chatterbot())
+        train, eval_ = _split(full, cfg, name)
+        return train, eval_, None, ("messages",)
     data, names = rotten_tomatoes() if name == "rotten_tomatoes" else boolq()
     if task == "classification" and cfg.labels is not None and [str(n) for n in cfg.labels] != names:
         raise DataError(f"packaged '{name}' has the label set {names}; remove data.labels (it applies to your own files)")
     full = datasets.Dataset.from_dict(data)
-    # Split before the task mapping so classification and causal_lm hold out the same examples.
+    # Split before the task mapping so classification, causal_lm and the chat form hold out the same examples.
     train, eval_ = _split(full, cfg, name, min_eval=PACKAGED_MIN_EVAL)
 
     def to_task(ds):
@@ -209,6 +221,9 @@ def _packaged(cfg: DataConfig, task: str) -> tuple[Any, Any, list[str] | None, t
         if task == "classification":
             cols = {"text": ds["question"], "text_pair": ds["passage"], "label": ds["label"]}
             return datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}), ("text", "text_pair")
+        if name == "boolq_chat":
+            chats = [_boolq_chat(q, p, y) for q, p, y in zip(ds["question"], ds["passage"], ds["label"])]
+            return datasets.Dataset.from_dict({"messages": chats}), ("messages",)
         prompts = [f"{p}\nQuestion: {q}?\nAnswer:" for q, p in zip(ds["question"], ds["passage"])]
         responses = [" yes" if y else " no" for y in ds["label"]]
         return datasets.Dataset.from_dict({"prompt": prompts, "response": responses}), ("prompt", "response")
