@@ -188,7 +188,8 @@ class Run:
         self.estimate = estimate(self.model, self.method, cfg, self.task)
         check_resources(self.estimate, cfg, self.device, self.output, log=log)
         # train.prefix_cache: can this run use a frozen-prefix cache (refused here for `on` when not)?
-        self.prefix_decision = prefix_cache.decide(cfg, self.method, len(self.splits.train), distributed=bool(self.dist), log=log)
+        self.prefix_decision = prefix_cache.decide(cfg, self.method, len(self.splits.train), distributed=bool(self.dist),
+                                                   memory_mapped=self.splits.layout is not None, log=log)
 
     # ------------------------------------------------------------------------------------
     def loaders(self):

@@ -42,6 +42,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"config key '{key}': {value!r} is not a valid {' or '.join(type_name(a) for a in args)}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value in args:
             return value
         raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, args))}")

@@ -22,18 +22,21 @@ class SeededSampler(torch.utils.data.Sampler[int]):
         self.position = 0
         self._start = 0
 
-    def _order(self) -> list[int]:
+    def _order(self) -> torch.Tensor:
         if not self.shuffle:
-            return list(range(self.n))
+            return torch.arange(self.n)
         g = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(self.n, generator=g).tolist()
+        return torch.randperm(self.n, generator=g)
 
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
         self.position = start
-        for i in self._order()[start:]:
-            self.position += 1
-            yield i
+        # A tensor, read a slice at a time: a list of millions of Python ints would cost ~36 bytes each.
+        order = self._order()
+        for lo in range(start, self.n, 4096):
+            for i in order[lo : lo + 4096].tolist():
+                self.position += 1
+                yield i
 
     def __len__(self) -> int:
         return self.n

@@ -13,7 +13,8 @@ class DataConfig:
     """Where the data comes from and how it becomes batches (the ``data:`` section of a run config)."""
 
     source: str = "rotten_tomatoes"
-    """Packaged short name ('rotten_tomatoes', 'boolq', 'boolq_chat', 'chatterbot'), a local .jsonl/.json/.csv/.parquet file, or a save_to_disk folder."""
+    """Packaged short name ('rotten_tomatoes', 'boolq', 'boolq_chat', 'chatterbot'), a local .jsonl/.json/.csv/.parquet file,
+    a save_to_disk folder, or a hub dataset id (org/name, through the Hugging Face cache)."""
     text_column: str = "text"
     text_pair_column: str | None = None
     """Second text of a pair (classification); None: use 'text_pair' when the data has it."""
@@ -27,6 +28,10 @@ class DataConfig:
     chat_template: Literal["auto", "on", "off"] = "auto"
     """auto: chat data (messages) through the tokenizer's chat template, prompt/response as plain text; on: prompt/response
     too, as one user and one assistant turn; off: no template (the messages column is not read)."""
+    memory_map: Literal["auto", "on", "off"] = "auto"
+    """on: read local files through ``datasets.load_dataset`` (converted once to Arrow in the datasets cache and
+    memory-mapped, so a multi-GB file trains in bounded memory) and tokenize each batch as it is read; off: read the file
+    into memory and tokenize it up front; auto: memory-map files over 256 MiB. Hub dataset ids are always memory-mapped."""
     labels: list[str] | None = None
     """The label set in id order; None: the sorted unique values (int labels must then be 0..K-1)."""
     eval_size: float | int = 0.1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -19,6 +19,10 @@ PACKAGED_DATA = {
     "chatterbot": "short multi-turn English conversations (chatterbot-corpus), as chats (causal_lm)",
 }
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+# data.memory_map=auto: files larger than this are memory-mapped (Arrow) and tokenized as batches are read.
+MAP_FILES_FROM = 256 * 2**20
+# datasets' builder for each file type.
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Part:
     get: Callable[[str], list]
     class_names: dict[str, list[str]] = field(default_factory=dict)
     """Names of ClassLabel columns (saved datasets), used as the label set when data.labels is not set."""
+    mapped: Any = None
+    """The memory-mapped Arrow dataset (``datasets.Dataset``) when the source is read lazily; ``get`` is then not used."""
 
 
 def _one_line(text: str) -> str:
@@ -118,7 +124,7 @@ def _read_parquet(path: Path) -> list[Part]:
     return [_columns_part(path.name, table.to_pydict())]
 
 
-def _read_saved(path: Path) -> list[Part]:
+def _read_saved(path: Path, memory_map: str) -> list[Part]:
     import datasets
 
     try:
@@ -133,23 +139,85 @@ def _read_saved(path: Path) -> list[Part]:
     for name, ds in items:
         # Read only the columns asked for: the data stays memory-mapped otherwise.
         names = {col: list(f.names) for col, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-        parts.append(Part(name, list(ds.column_names), ds.num_rows, lambda col, ds=ds: list(ds[col]), names))
+        mapped = memory_map == "on" or (memory_map == "auto" and ds.data.nbytes > MAP_FILES_FROM)
+        parts.append(Part(name, list(ds.column_names), ds.num_rows, lambda col, ds=ds: list(ds[col]), names, mapped=ds if mapped else None))
     return parts
 
 
 def _unknown_source(source: str) -> DataError:
     return DataError(
-        f"data source '{source}' is not a packaged set ({', '.join(PACKAGED_DATA)}) or an existing path (the hub is not used): "
-        f"pass a {', '.join(FILE_TYPES)} file or a folder saved with datasets' save_to_disk"
+        f"data source '{source}' is not a packaged set ({', '.join(PACKAGED_DATA)}), an existing path or a hub dataset id "
+        f"(org/name): pass a {', '.join(FILE_TYPES)} file, a folder saved with datasets' save_to_disk, or a hub id"
     )
 
 
-def read_source(source: str) -> list[Part]:
+def is_hub_id(source: str) -> bool:
+    """org/name that is not a local path: a dataset on the Hugging Face hub (or in its local cache)."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(source).suffix
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The dataset repo's files through huggingface_hub's cache (downloaded when online; HF_HUB_OFFLINE=1: cache only)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset"))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        offline = isinstance(exc, LocalEntryNotFoundError)
+        raise DataError(
+            f"dataset '{repo_id}' is {'not in the Hugging Face cache and the hub is offline' if offline else 'not available'} "
+            f"({_one_line(exc)[:160]}): run 'hf download {repo_id} --repo-type dataset' where the hub is reachable "
+            f"(then HF_HUB_OFFLINE=1 reads it from the cache), or pass a local file"
+        ) from None
+
+
+def _mapped_parts(builder: str, data_files: Any, what: str) -> list[Part]:
+    """``datasets.load_dataset``: the rows converted once to Arrow in the datasets cache and memory-mapped from there."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(builder, data_files=data_files)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, TypeError) as exc:
+        cause = exc.__cause__ or exc
+        raise DataError(f"cannot read {what} with datasets.load_dataset: {_one_line(cause)[:300]}; fix the file") from None
+    parts = []
+    for name, ds in loaded.items():
+        names = {col: list(f.names) for col, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+        parts.append(Part(name, list(ds.column_names), ds.num_rows, lambda col, ds=ds: list(ds[col]), names, mapped=ds))
+    return parts
+
+
+def _hub_parts(repo_id: str) -> list[Part]:
+    folder = _hub_folder(repo_id)
+    files = [f for f in sorted(folder.rglob("*")) if f.suffix.lower() in BUILDERS and f.is_file()]
+    if not files:
+        raise DataError(f"dataset '{repo_id}' has no {'/'.join(FILE_TYPES)} files: layerwise reads data files, not loading scripts")
+    builder = BUILDERS[files[0].suffix.lower()]
+    # A file whose name starts with a split name is that split (train.jsonl, test-00000.parquet, data/validation.csv).
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        stem = f.name.lower()
+        split = next((n for n in ("train", "validation", "eval", "valid", "dev", "test") if stem.startswith(n)), "train")
+        splits.setdefault(split, []).append(str(f))
+    return _mapped_parts(builder, splits, f"dataset '{repo_id}'")
+
+
+def read_source(source: str, memory_map: str = "auto") -> list[Part]:
+    """The parts (splits) of a local file, a save_to_disk folder or a hub dataset id.
+
+    ``memory_map``: ``on`` reads files through ``datasets.load_dataset`` (Arrow, memory-mapped: a multi-GB file in
+    bounded memory), ``off`` into memory, ``auto`` memory-maps files over MAP_FILES_FROM bytes. Hub datasets are
+    always memory-mapped.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_saved(path)
+        return _read_saved(path, memory_map)
     if not path.exists():
-        # Something that looks like a file path is a missing file; a bare name (or a hub id) is an unknown set.
+        if is_hub_id(source):
+            return _hub_parts(source)
+        # Something that looks like a file path is a missing file; a bare name is an unknown set.
         if path.suffix or source.startswith((".", "/", "~")):
             raise DataError(f"data file '{source}' does not exist: check the path (--data / data.source)")
         raise _unknown_source(source)
@@ -157,10 +225,13 @@ def read_source(source: str) -> list[Part]:
     readers = {".jsonl": lambda p: [_rows_part(p.name, _read_jsonl(p))], ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"data file '{source}' has unsupported type '{suffix or '(none)'}': use one of {', '.join(FILE_TYPES)} or a save_to_disk folder")
-    try:
-        parts = readers[suffix](path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"cannot read '{source}': not UTF-8 text ({_one_line(exc)}); save it as UTF-8") from None
+    if memory_map == "on" or (memory_map == "auto" and path.stat().st_size > MAP_FILES_FROM):
+        parts = _mapped_parts(BUILDERS[suffix], str(path), f"'{source}'")
+    else:
+        try:
+            parts = readers[suffix](path)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"cannot read '{source}': not UTF-8 text ({_one_line(exc)}); save it as UTF-8") from None
     if sum(p.num_rows for p in parts) == 0:
         raise DataError(f"data file '{source}' is empty (0 rows): add examples or pass another file")
     return parts

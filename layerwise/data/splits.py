@@ -6,7 +6,9 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from layerwise.data.settings import DataConfig
 from layerwise.data.sources import PACKAGED_DATA, Part, boolq, chatterbot, read_source, rotten_tomatoes
@@ -33,6 +35,9 @@ class Splits:
     tokenized: bool = False
     dropped: dict[str, int] = field(default_factory=dict)
     """Examples dropped by tokenization per split (nothing left to train on after truncation)."""
+    layout: Layout | None = None
+    """Memory-mapped data (data.memory_map): train and eval hold the source's own columns, and ``layout`` normalises
+    each batch as it is read (then :func:`tokenize_splits` tokenizes it); None: the columns are already normalised."""
 
 
 def _require(part: Part, col: str, key: str, source: str, what: str) -> list:
@@ -67,10 +72,9 @@ def _label_key(value: Any, col: str, source: str) -> Any:
         raise DataError(f"label {value!r} in column '{col}' of '{source}' is not a class name or id") from None
 
 
-def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list[str]]:
-    """Map raw label values to ids 0..K-1 and return (ids, names in id order)."""
+def _label_set(keys: set, cfg: DataConfig, source: str) -> tuple[dict[Any, int], list[str]]:
+    """Map each distinct raw label key (see :func:`_label_key`) to an id 0..K-1; return (mapping, names in id order)."""
     col = cfg.label_column
-    keys = [_label_key(v, col, source) for v in raw]
     if cfg.labels is not None:
         names = [str(n) for n in cfg.labels]
         if len(set(names)) != len(names):
@@ -79,7 +83,7 @@ def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list
             raise DataError(f"data.labels {names} has fewer than 2 classes: classification needs at least 2 labels")
         by_name = {n: i for i, n in enumerate(names)}
         mapping: dict[Any, int] = {}
-        for k in set(keys):
+        for k in keys:
             if str(k) in by_name:
                 mapping[k] = by_name[str(k)]
             elif isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(names):
@@ -89,12 +93,11 @@ def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list
                     f"label '{k}' in column '{col}' of '{source}' is not in the label set data.labels {names}: "
                     f"add it to data.labels or fix the data"
                 )
-        return [mapping[k] for k in keys], names
-    unique = set(keys)
-    kinds = {type(k) for k in unique}
+        return mapping, names
+    kinds = {type(k) for k in keys}
     if len(kinds) > 1:
         raise DataError(f"labels in column '{col}' of '{source}' mix {' and '.join(sorted(t.__name__ for t in kinds))} values: use one kind, or set data.labels")
-    values = sorted(unique)
+    values = sorted(keys)
     if len(values) < 2:
         raise DataError(
             f"column '{col}' of '{source}' has fewer than 2 classes ({', '.join(map(str, values)) or 'none'}): "
@@ -107,8 +110,7 @@ def _label_ids(raw: list, cfg: DataConfig, source: str) -> tuple[list[int], list
                 f"int label {bad[0]} in column '{col}' of '{source}' is outside 0..{len(values) - 1} ({len(values)} classes found): "
                 f"relabel to ids 0..K-1 or name the classes with data.labels"
             )
-    ids = {v: i for i, v in enumerate(values)}
-    return [ids[k] for k in keys], [str(v) for v in values]
+    return {v: i for i, v in enumerate(values)}, [str(v) for v in values]
 
 
 def _turns(value: Any, source: str) -> str:
@@ -127,67 +129,98 @@ def _turns(value: Any, source: str) -> str:
     return json.dumps([{"role": t["role"], "content": t["content"]} for t in value])
 
 
-def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, tuple[str, ...]]:
-    """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
-    out: list[dict[str, list]] = []
+@dataclass
+class Layout:
+    """Which source column feeds each normalised column, and in which form (``kind``)."""
+
+    kind: str
+    """classification, conversational (TRL's prompt/completion turns), messages, prompt_response or text."""
+    sources: dict[str, str]
+    """Normalised column -> source column."""
+    labels: dict[Any, int] = field(default_factory=dict)
+    """Raw label key -> class id (classification)."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("messages",) if self.kind == "conversational" else tuple(c for c in self.sources if c != "label")
+
+    def convert(self, get: Callable[[str], list], source: str) -> dict[str, list]:
+        """Normalised columns from ``get(source column)`` (whole columns, or one batch of rows)."""
+        if self.kind == "conversational":
+            pairs = zip(get(self.sources["prompt"]), get(self.sources["response"]))
+            return {"messages": [_turns(list(p or []) + list(c or []), source) for p, c in pairs]}
+        out = {}
+        for name, col in self.sources.items():
+            if name == "label":
+                out[name] = [self.labels[_label_key(v, col, source)] for v in get(col)]
+            elif name == "messages":
+                out[name] = [_turns(v, source) for v in get(col)]
+            else:
+                out[name] = _texts(get(col))
+        return out
+
+
+def _layout(columns: list[str], first: Callable[[str], Any], cfg: DataConfig, task: str, source: str) -> Layout:
+    """Pick the source columns for ``task`` from a part's ``columns`` (``first(col)``: that column's first value)."""
+    def need(col: str, key: str, what: str) -> str:
+        if col not in columns:
+            raise DataError(
+                f"column '{col}' not found in '{source}' (columns: {', '.join(columns) or 'none'}): "
+                f"set data.{key} to the column that holds the {what}"
+            )
+        return col
+
     if task == "classification":
-        first = parts[0]
-        pair_col = cfg.text_pair_column or ("text_pair" if "text_pair" in first.columns else None)
-        raw_labels: list = []
-        for part in parts:
-            cols = {"text": _texts(_require(part, cfg.text_column, "text_column", source, "text"))}
-            if pair_col is not None:
-                cols["text_pair"] = _texts(_require(part, pair_col, "text_pair_column", source, "second text of each pair"))
-            raw_labels.append(_require(part, cfg.label_column, "label_column", source, "labels"))
-            out.append(cols)
-        # One label set for train and eval, so an id means the same class in both.
-        class_names = first.class_names.get(cfg.label_column)
-        if cfg.labels is None and class_names:
-            cfg = replace(cfg, labels=class_names)  # a ClassLabel column: its ints are ids into these names
-        ids, names = _label_ids([v for labels in raw_labels for v in labels], cfg, source)
-        start = 0
-        for cols, labels in zip(out, raw_labels):
-            cols["label"] = ids[start : start + len(labels)]
-            start += len(labels)
-        columns = ("text", "text_pair") if pair_col else ("text",)
-        return out, names, columns
+        sources = {"text": need(cfg.text_column, "text_column", "text")}
+        pair_col = cfg.text_pair_column or ("text_pair" if "text_pair" in columns else None)
+        if pair_col is not None:
+            sources["text_pair"] = need(pair_col, "text_pair_column", "second text of each pair")
+        sources["label"] = need(cfg.label_column, "label_column", "labels")
+        return Layout("classification", sources)
     # causal_lm: prompt + response (loss on the response), or chat turns, or plain text.
-    first = parts[0]
     response_column = cfg.response_column
-    if response_column == "response" and "response" not in first.columns and "completion" in first.columns:
+    if response_column == "response" and "response" not in columns and "completion" in columns:
         response_column = "completion"  # TRL's prompt/completion columns
-    has_p, has_r = cfg.prompt_column in first.columns, response_column in first.columns
-    if has_p and has_r and first.num_rows and isinstance(first.get(cfg.prompt_column)[0], list):
-        # TRL's conversational prompt/completion: lists of turns, one chat when joined.
-        for part in parts:
-            pairs = zip(part.get(cfg.prompt_column), part.get(response_column))
-            out.append({"messages": [_turns(list(p or []) + list(c or []), source) for p, c in pairs]})
-        return out, None, ("messages",)
-    if cfg.messages_column in first.columns and cfg.chat_template != "off" and not (has_p and has_r):
-        for part in parts:
-            out.append({"messages": [_turns(v, source) for v in _require(part, cfg.messages_column, "messages_column", source, "chats")]})
-        return out, None, ("messages",)
+    has_p, has_r = cfg.prompt_column in columns, response_column in columns
+    pair = {"prompt": cfg.prompt_column, "response": response_column}
+    if has_p and has_r and isinstance(first(cfg.prompt_column), list):
+        return Layout("conversational", pair)  # TRL's conversational prompt/completion: lists of turns, one chat when joined
+    if cfg.messages_column in columns and cfg.chat_template != "off" and not (has_p and has_r):
+        return Layout("messages", {"messages": cfg.messages_column})
     if has_p and has_r:
-        for part in parts:
-            out.append({
-                "prompt": _texts(_require(part, cfg.prompt_column, "prompt_column", source, "prompts")),
-                "response": _texts(_require(part, response_column, "response_column", source, "responses")),
-            })
-        return out, None, ("prompt", "response")
-    if cfg.text_column in first.columns:
-        for part in parts:
-            out.append({"text": _texts(_require(part, cfg.text_column, "text_column", source, "text"))})
-        return out, None, ("text",)
+        return Layout("prompt_response", pair)
+    if cfg.text_column in columns:
+        return Layout("text", {"text": cfg.text_column})
     if has_p or has_r:
         missing, key = (cfg.response_column, "response_column") if has_p else (cfg.prompt_column, "prompt_column")
         raise DataError(
-            f"column '{missing}' not found in '{source}' (columns: {', '.join(first.columns)}): "
+            f"column '{missing}' not found in '{source}' (columns: {', '.join(columns)}): "
             f"causal_lm with prompts needs both; set data.{key}"
         )
     raise DataError(
-        f"column '{cfg.text_column}' not found in '{source}' (columns: {', '.join(first.columns) or 'none'}): causal_lm needs a text "
+        f"column '{cfg.text_column}' not found in '{source}' (columns: {', '.join(columns) or 'none'}): causal_lm needs a text "
         f"column (set data.text_column) or prompt and response columns (set data.prompt_column and data.response_column)"
     )
+
+
+def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, Layout]:
+    """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
+    first = parts[0]
+    layout = _layout(first.columns, lambda col: first.get(col)[0] if first.num_rows else None, cfg, task, source)
+    for part in parts[1:]:
+        missing = [c for c in layout.sources.values() if c not in part.columns]
+        if missing:
+            raise DataError(f"column '{missing[0]}' not found in the '{part.name}' split of '{source}': give every split the same columns")
+    names = None
+    if task == "classification":
+        col = cfg.label_column
+        class_names = first.class_names.get(col)
+        if cfg.labels is None and class_names:
+            cfg = replace(cfg, labels=class_names)  # a ClassLabel column: its ints are ids into these names
+        # One label set for train and eval, so an id means the same class in both.
+        keys = {_label_key(v, col, source) for part in parts for v in part.get(col)}
+        layout.labels, names = _label_set(keys, cfg, source)
+    return [layout.convert(part.get, source) for part in parts], names, layout
 
 
 def _boolq_chat(question: str, passage: str, answer: int) -> str:
@@ -252,9 +285,10 @@ def _split(ds, cfg: DataConfig, source: str, min_eval: int = 0):
             f"data.eval_size={cfg.eval_size} holds out {count} of the {n} examples of '{source}', leaving none to train on: "
             f"lower data.eval_size or add examples"
         )
-    # In memory and uncached: a cached index file could outlive a change to the data.
-    parts = ds.train_test_split(test_size=count, seed=cfg.seed, shuffle=True, keep_in_memory=True, load_from_cache_file=False)
-    return parts["train"], parts["test"]
+    # train_test_split's own seeded permutation, with the indices in memory: a cached index file could outlive a change
+    # to the data (and train_test_split writes one for a memory-mapped dataset even when told to keep them in memory).
+    permutation = np.random.default_rng(cfg.seed).permutation(n)
+    return ds.select(permutation[count:], keep_in_memory=True), ds.select(permutation[:count], keep_in_memory=True)
 
 
 def _pick_parts(parts: list[Part], source: str) -> tuple[Part, Part | None]:
@@ -272,6 +306,25 @@ def _pick_parts(parts: list[Part], source: str) -> tuple[Part, Part | None]:
     return train, eval_part
 
 
+def _mapped(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list, list[str] | None, Layout]:
+    """Memory-mapped parts as they are, with the layout that normalises their rows when read; the first rows checked now."""
+    first = parts[0].mapped
+    layout = _layout(parts[0].columns, lambda col: first[0][col] if first.num_rows else None, cfg, task, source)
+    dss = [part.mapped.select_columns(list(dict.fromkeys(layout.sources.values()))) for part in parts]
+    names = None
+    if task == "classification":
+        col = cfg.label_column
+        class_names = parts[0].class_names.get(col)
+        if cfg.labels is None and class_names:
+            cfg = replace(cfg, labels=class_names)
+        # Distinct labels from Arrow (no Python list of every row).
+        keys = {_label_key(v, col, source) for ds in dss for v in ds.unique(col)}
+        layout.labels, names = _label_set(keys, cfg, source)
+    for ds in dss:
+        layout.convert(ds[: min(ds.num_rows, 1000)].__getitem__, source)  # bad rows fail here, not mid-run
+    return dss, names, layout
+
+
 def load_splits(cfg: DataConfig, task: str) -> Splits:
     """Read ``cfg.source`` and return normalised train/eval datasets for ``task``.
 
@@ -286,19 +339,25 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
     if task not in TASKS:
         raise ConfigError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
     source = str(cfg.source)
+    layout = None
     if source in PACKAGED_DATA and not Path(source).exists():
         train, eval_, label_names, columns = _packaged(cfg, task)
     else:
-        parts = read_source(source)
+        parts = read_source(source, cfg.memory_map)
         train_part, eval_part = _pick_parts(parts, source)
         if train_part.num_rows == 0:
             raise DataError(f"the training split of '{source}' is empty (0 rows): add examples")
         chosen = [train_part] + ([eval_part] if eval_part is not None else [])
-        normalised, label_names, columns = _normalise(chosen, cfg, task, source)
-        features = {c: datasets.Value("string") for c in columns}
-        if task == "classification":
-            features["label"] = datasets.Value("int64")
-        dss = [datasets.Dataset.from_dict(cols, features=datasets.Features(features)) for cols in normalised]
+        if train_part.mapped is not None:
+            dss, label_names, layout = _mapped(chosen, cfg, task, source)
+            columns = layout.columns
+        else:
+            normalised, label_names, layout_ = _normalise(chosen, cfg, task, source)
+            columns = layout_.columns
+            features = {c: datasets.Value("string") for c in columns}
+            if task == "classification":
+                features["label"] = datasets.Value("int64")
+            dss = [datasets.Dataset.from_dict(cols, features=datasets.Features(features)) for cols in normalised]
         if eval_part is None:
             train, eval_ = _split(dss[0], cfg, source)
         else:
@@ -311,4 +370,4 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
         raise DataError(f"the eval split of '{source}' is empty: add held-out examples, raise data.eval_size or data.max_eval_samples")
     if train.num_rows == 0:
         raise DataError(f"the training split of '{source}' is empty: raise data.max_train_samples or add examples")
-    return Splits(train=train, eval=eval_, label_names=label_names, columns=columns)
+    return Splits(train=train, eval=eval_, label_names=label_names, columns=columns, layout=layout)

@@ -6,7 +6,7 @@ import contextlib
 import json
 import re
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from layerwise.data.settings import DataConfig
 from layerwise.data.splits import Splits
@@ -93,33 +93,24 @@ def chat_tokens(tokenizer, chat: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Splits:
-    """Tokenize both splits: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``.
+def encoder(columns: tuple[str, ...], tokenizer, cfg: DataConfig, task: str, *, keep_empty: bool = False) -> Callable[[dict], dict]:
+    """The function from a batch of normalised columns to model inputs (``input_ids``, ``attention_mask``, ``labels``).
 
-    Truncated to ``cfg.max_length`` tokens, not padded. Classification: ``labels`` is the class id.
-    causal_lm: ``labels`` equals ``input_ids`` with -100 on prompt tokens (the loss is on the
-    response only), and EOS is appended to each text/response when the tokenizer has one and it
-    fits. Examples left with no token to predict are dropped (counted in ``Splits.dropped``).
+    ``keep_empty``: an example with no token left to predict stays (its labels all -100) instead of being dropped, so
+    a batch read lazily keeps its size.
     """
-    if splits.tokenized:
-        return splits
-    if task not in TASKS:
-        raise ConfigError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
     L = cfg.max_length
     eos = tokenizer.eos_token_id
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    columns = splits.columns
 
     if task == "classification":
-        if "label" not in splits.train.column_names:
-            raise DataError("classification data has no 'label' column: load it with task classification")
 
         def fn(batch: dict) -> dict:
             pair = batch["text_pair"] if "text_pair" in batch else None
             enc = tokenizer(batch["text"], pair, truncation=True, max_length=L)
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             out["labels"] = batch["label"]
-            keep = [i for i, ids in enumerate(out["input_ids"]) if len(ids) > 0]
+            keep = [i for i, ids in enumerate(out["input_ids"]) if len(ids) > 0 or keep_empty]
             if len(keep) < len(out["input_ids"]):
                 out = {k: [v[i] for i in keep] for k, v in out.items()}
             return out
@@ -138,7 +129,7 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
             for chat in chats:
                 ids, labels = chat_tokens(tokenizer, chat)
                 ids, labels = ids[:L], labels[:L]
-                if not _has_label(labels):
+                if not _has_label(labels) and not keep_empty:
                     continue
                 out["input_ids"].append(ids)
                 out["attention_mask"].append([1] * len(ids))
@@ -158,7 +149,7 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
             for p, r in zip(prompts, responses):
                 p, r = _fit_prompt(p, r + tail, L, special)
                 labels = [-100] * len(p) + r
-                if not _has_label(labels):
+                if not _has_label(labels) and not keep_empty:
                     continue
                 out["input_ids"].append(p + r)
                 out["attention_mask"].append([1] * (len(p) + len(r)))
@@ -173,12 +164,44 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
             out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
             for ids in enc:
                 ids = ids + [eos] if eos is not None and len(ids) < L and (not ids or ids[-1] != eos) else ids[:L]
-                if len(ids) < 2:
+                if len(ids) < 2 and not keep_empty:
                     continue
                 out["input_ids"].append(ids)
                 out["attention_mask"].append([1] * len(ids))
-                out["labels"].append(list(ids))
+                out["labels"].append(list(ids) if len(ids) >= 2 else [-100] * len(ids))
             return out
+
+    return fn
+
+
+def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Splits:
+    """Tokenize both splits: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``.
+
+    Truncated to ``cfg.max_length`` tokens, not padded. Classification: ``labels`` is the class id.
+    causal_lm: ``labels`` equals ``input_ids`` with -100 on prompt tokens (the loss is on the
+    response only), and EOS is appended to each text/response when the tokenizer has one and it
+    fits. Examples left with no token to predict are dropped (counted in ``Splits.dropped``).
+    Memory-mapped splits (``splits.layout``) are tokenized as their rows are read instead, and keep such examples
+    (they add nothing to the loss).
+    """
+    if splits.tokenized:
+        return splits
+    if task not in TASKS:
+        raise ConfigError(f"task '{task}' is not one of {', '.join(TASKS)}: set task to one of them")
+    if task == "classification" and "label" not in (splits.layout.sources if splits.layout else splits.train.column_names):
+        raise DataError("classification data has no 'label' column: load it with task classification")
+    L = cfg.max_length
+    layout = splits.layout
+    if layout is not None:
+        encode = encoder(splits.columns, tokenizer, cfg, task, keep_empty=True)
+        source = str(cfg.source)
+
+        def read(batch) -> dict:
+            return encode(layout.convert(batch.__getitem__, source))
+
+        train, eval_ = splits.train.with_transform(read), splits.eval.with_transform(read)
+        return replace(splits, train=train, eval=eval_, columns=tuple(train[0]), tokenized=True, dropped={"train": 0, "eval": 0})
+    fn = encoder(splits.columns, tokenizer, cfg, task)
 
     def run(ds):
         with _quiet_datasets():

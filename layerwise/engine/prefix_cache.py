@@ -99,7 +99,7 @@ class Decision:
         return self.depth > 0
 
 
-def decide(cfg, method, n_train: int, *, distributed: bool = False, log=print) -> Decision:
+def decide(cfg, method, n_train: int, *, distributed: bool = False, memory_mapped: bool = False, log=print) -> Decision:
     """Whether ``cfg`` (a RunConfig) can use the cache. ``on``: a ConfigError says why not; ``auto``: a log line."""
     tcfg = cfg.train
     mode = tcfg.prefix_cache
@@ -111,6 +111,8 @@ def decide(cfg, method, n_train: int, *, distributed: bool = False, log=print) -
         why = "train.frozen_dropout=true makes the frozen blocks random (dropout), so their output cannot be stored"
     elif distributed or tcfg.fsdp:
         why = "data-parallel and FSDP runs are not supported"
+    elif memory_mapped:
+        why = "the data are memory-mapped (data.memory_map), and the cache would hold every example's activations"
     else:
         depth, reason = prefix_depth(method, tcfg.max_steps)
         if depth <= 0:
