@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from layerwise.generate import one_line
 from layerwise.models import PACKAGED_MODELS
 
 
@@ -25,6 +26,18 @@ def _command() -> str:
     if program.name == "layerwise" or (program.name == "__main__.py" and program.parent.name == "layerwise"):
         return "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return "(trained from Python: layerwise.run.train)"
+
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    """Greedy completions of the first held-out prompts, before and after training (train.sample_generations)."""
+    if not samples:
+        return []
+    lines = ["## Sample completions", "", "Greedy, on the first held-out prompts (a long prompt is shown by its end):",
+             ""]
+    for i, sample in enumerate(samples, 1):
+        lines += [f"{i}. prompt: {one_line(sample['prompt'], keep_end=True)}",
+                  *(f"   - {key}: {one_line(sample[key], limit=300)}" for key in ("reference", "before", "after")), ""]
+    return lines
 
 
 def write_model_card(folder: Path, summary: dict, config: dict) -> None:
@@ -52,6 +65,7 @@ def write_model_card(folder: Path, summary: dict, config: dict) -> None:
         f"- trainable parameters (largest set in a step): {summary['trainable_parameters_max']:,} of {summary['total_parameters']:,}",
         *([f"- held-out {k}: {v:.4f}" for k, v in evaluation.items() if isinstance(v, float)]),
         "",
+        *_samples_section(summary.get("samples") or []),
         "## Method and training configuration",
         "",
         "```yaml",

@@ -1,5 +1,5 @@
-"""``layerwise`` command line: ``train``, ``bench``, ``probe``, ``plan`` and ``measure`` (one measurement of
-the benchmarks alone), and the glue that turns each command's arguments into a run.
+"""``layerwise`` command line: ``train``, ``cache``, ``bench``, ``probe``, ``plan``, ``generate`` and ``measure`` (one
+measurement of the benchmarks alone), and the glue that turns each command's arguments into a run.
 
 Bad input exits with status 2 and one line on stderr that names the problem and the fix.
 """
@@ -25,6 +25,7 @@ from layerwise.config import resolve  # noqa: E402
 from layerwise.data import PACKAGED_DATA, make_loader  # noqa: E402
 from layerwise.engine import resolve_device  # noqa: E402
 from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
+from layerwise.generate import generate_text  # noqa: E402
 from layerwise.measure import meft as meft_reports  # noqa: E402
 from layerwise.measure.bench import run_bench  # noqa: E402
 from layerwise.measure.memory import plan_command  # noqa: E402
@@ -32,8 +33,14 @@ from layerwise.measure.profile import profile_methods  # noqa: E402
 from layerwise.measure.suite import run_scaling, run_suite, run_worker  # noqa: E402
 from layerwise.methods import METHODS, load_plugins  # noqa: E402
 from layerwise.methods.salf.probe import check_budget, format_table, run_probe, sample_batches, write_outputs  # noqa: E402
+from layerwise.models import PACKAGED_MODELS, add_to_hub_cache  # noqa: E402
 from layerwise.run import TrainingStopped, check_output, load_inputs, train  # noqa: E402
 from layerwise.schema import load_yaml, parse_override, set_path  # noqa: E402
+
+
+def _cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="lay a packaged model out in the Hugging Face cache under its hub id (offline use by id)")
+    p.add_argument("name", choices=sorted(PACKAGED_MODELS))
 
 
 def _train_parser(sub) -> None:
@@ -116,6 +123,18 @@ def _measure_parser(sub) -> None:
     meft.add_argument("--variants", default="1,2,3")
 
 
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with a run's trained model (or any causal LM), greedy")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished `layerwise train` run (its model/ folder)")
+    p.add_argument("--model", help="instead of RUN_DIR: any model layerwise trains (smollm2, a folder, .gguf, hub id)")
+    p.add_argument("--prompt", required=True, help="the text to answer (a user turn if the model has a chat template)")
+    p.add_argument("--no-chat-template", action="store_true", help="pass the prompt as plain text even to a chat model")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy, always the same)")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+
+
 def build_raw_config(args) -> dict:
     raw = load_yaml(args.config) if args.config else {}
     method = raw.get("method")
@@ -156,6 +175,12 @@ def _resume_config(args) -> dict:
     if isinstance(raw.get("data"), dict) and raw["data"].get("task", "") is None:
         del raw["data"]["task"]  # written (always null, never read) by layerwise before data.task was removed
     return raw
+
+
+def cmd_cache(args) -> int:
+    hub_id, snapshot = add_to_hub_cache(args.name)
+    print(f"{hub_id} -> {snapshot} (loads by id with HF_HUB_OFFLINE=1: layerwise, transformers, TRL, lm-eval)")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -237,6 +262,13 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    print(generate_text(args.run_dir, model=args.model, prompt=args.prompt, chat_template=not args.no_chat_template,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                        device=args.device))
+    return 0
+
+
 def _read_json(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -272,17 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _cache_parser(sub)
     _bench_parser(sub)
     _probe_parser(sub)
     _plan_parser(sub)
     _measure_parser(sub)
+    _generate_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, one line on stderr): a status, not an exception
         return exc.code if isinstance(exc.code, int) else 2
 
     hf_logging.set_verbosity_error()
-    commands = {"train": cmd_train, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan, "measure": cmd_measure}
+    commands = {"train": cmd_train, "cache": cmd_cache, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan, "measure": cmd_measure,
+                "generate": cmd_generate}
     try:
         return commands[args.command](args)
     except LayerwiseError as exc:

@@ -271,6 +271,29 @@ def resolve_model_path(spec: str, revision: str | None = None) -> str:
     return _from_hub(spec, revision)
 
 
+def add_to_hub_cache(name: str) -> tuple[str, Path]:
+    """Lay packaged model ``name`` out in the Hugging Face cache under its hub id (snapshots/REV + refs/main, the files
+    linked, not copied), so transformers, TRL and lm-eval load it by id with HF_HUB_OFFLINE=1. Returns (id, snapshot)."""
+    if name not in PACKAGED_MODELS:
+        raise ModelError(f"'{name}' is not a packaged model: use one of {', '.join(PACKAGED_MODELS)}")
+    packaged = PACKAGED_MODELS[name]
+    folder = Path(resolve_model_path(name))
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{packaged.hub_id.replace('/', '--')}"
+    if (repo / "refs" / "main").is_file():
+        raise ModelError(f"'{packaged.hub_id}' is in the Hugging Face cache already ({repo}): it is left as it is; "
+                         f"remove that folder first to replace it with the packaged copy")
+    # A revision named after the package version, so a re-install of the same package lays out the same snapshot.
+    revision = hashlib.sha1(packaged.pip_name.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and f.name != _SOURCE_META and not (snapshot / f.name).exists():
+            (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return packaged.hub_id, snapshot
+
+
 def _config_fields(spec_or_config: Any) -> dict:
     """architectures / model_type / is_decoder of a config object, or of a model's config.json.
 

@@ -34,6 +34,7 @@ from layerwise.engine.fsdp import LossSync, check_fsdp, shard_model
 from layerwise.engine.io import swap_folder, write_text
 from layerwise.engine.trainer import BatchStream
 from layerwise.errors import ConfigError, ModelError
+from layerwise.generate import describe_samples, held_out_prompts, sample_completions, sample_records
 from layerwise.methods import METHODS, setup
 from layerwise.methods.base import RunContext
 from layerwise.models import default_task_for, load_model_and_tokenizer, resolve_model_path
@@ -281,12 +282,17 @@ class Run:
     def _train(self, trainer: Trainer, eval_loader, out: Path, loop_state: dict | None = None) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
         metric = "accuracy" if self.task == "classification" else "loss"
+        # Sample completions on rank 0 alone (FSDP's sharded forward would need every rank).
+        sampling = self.task == "causal_lm" and tcfg.sample_generations and not self.rank and not tcfg.fsdp
+        prompts = held_out_prompts(self.splits.eval, tcfg.sample_generations) if sampling else []
         if loop_state is not None:
             eval_before = loop_state.get("eval_before")
+            samples_before = loop_state.get("samples_before")
         else:
             eval_before = evaluate(trainer.model, eval_loader, self.task, self.device, tcfg.bf16) if tcfg.eval_before else None
             if eval_before:
                 self.log(f"held-out {metric} before: {eval_before[metric]:.4f}")
+            samples_before = self.sample(trainer.model, prompts)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tcfg.max_steps, initial=trainer.step_index, desc=f"{self.method.name}", disable=not tcfg.progress, dynamic_ncols=True)
@@ -305,6 +311,7 @@ class Run:
             state = {
                 "window_loss": window_loss, "window_tokens": window_tokens, "window_seconds": window_seconds, "window_n": window_n,
                 "first_step_seconds": first_step_seconds, "first_step_tokens": first_step_tokens, "eval_before": eval_before,
+                "samples_before": samples_before,
             }
             return save_checkpoint(out, trainer, loop_state=state, keep_last=tcfg.keep_last)
 
@@ -377,6 +384,9 @@ class Run:
             self.log(f"held-out {metric} after:  {eval_after[metric]:.4f}")
             if self.trackers is not None:
                 self.trackers.log({f"eval/{k}": v for k, v in eval_after.items()}, step=totals.steps)
+        generations = sample_records(self.tokenizer, prompts, samples_before, self.sample(trainer.model, prompts))
+        for line in describe_samples(generations):
+            self.log(line)
         summary = {
             "layerwise_version": __version__,
             "method": self.method.name,
@@ -410,6 +420,7 @@ class Run:
                if self.cfg.train.prefix_cache != "off" else {}),
             "eval_before": eval_before,
             "eval": eval_after,
+            **({"samples": generations} if generations else {}),
         }
         self.log(
             f"tokens/s {summary['tokens_per_s']:.0f} | measured peak memory above the loaded model {measured_peak / 2**20:.1f} MiB "
@@ -441,6 +452,11 @@ class Run:
         write_text(out / "summary.json", json.dumps(summary, indent=2))
         self.log(f"run folder: {out}")
         return summary
+
+    def sample(self, model, prompts) -> list[str]:
+        """Greedy completions of the held-out ``prompts`` (train.sample_max_new_tokens each)."""
+        return sample_completions(model, self.tokenizer, prompts, max_new_tokens=self.cfg.train.sample_max_new_tokens,
+                                  device=self.device)
 
     def save_model(self, model, out: Path, summary: dict, state_dict: dict | None = None) -> None:
         """The trained model as safetensors, loadable with ``from_pretrained`` (LoRA is merged; the adapter is kept too),

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -288,7 +288,47 @@ def _split(ds, cfg: DataConfig, source: str, min_eval: int = 0):
     # train_test_split's own seeded permutation, with the indices in memory: a cached index file could outlive a change
     # to the data (and train_test_split writes one for a memory-mapped dataset even when told to keep them in memory).
     permutation = np.random.default_rng(cfg.seed).permutation(n)
+    if ds.cache_files:
+        return Rows(ds, permutation[count:]), Rows(ds, permutation[:count])
     return ds.select(permutation[count:], keep_in_memory=True), ds.select(permutation[:count], keep_in_memory=True)
+
+
+class Rows:
+    """The rows ``order`` of a memory-mapped dataset, in that order. ``Dataset.select`` would build its index table
+    through a Python list (~40 bytes a row at its peak: 116 MiB for 2.9 M rows); this keeps one numpy array (8)."""
+
+    def __init__(self, ds, order: np.ndarray):
+        self.ds, self.order = ds, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.order)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.ds.column_names
+
+    @property
+    def cache_files(self) -> list[dict]:
+        return self.ds.cache_files
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[int(self.order[i])]
+
+    def __getitems__(self, index: list[int]) -> list[dict]:
+        return self.ds.__getitems__(self.order[index].tolist())
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+    def select(self, index) -> Rows:
+        return Rows(self.ds, self.order[np.asarray(index, dtype=np.int64)])
+
+    def with_transform(self, transform: Callable[[dict], dict]) -> Rows:
+        return Rows(self.ds.with_transform(transform), self.order)
 
 
 def _pick_parts(parts: list[Part], source: str) -> tuple[Part, Part | None]:

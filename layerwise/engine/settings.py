@@ -52,6 +52,11 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_before: bool = True
     eval_after: bool = True
+    sample_generations: int = 2
+    """causal_lm: greedy completions of the first N held-out prompts, before and after training, in summary.json
+    (``samples``), the console and the model card; 0 = none. Not with train.fsdp (generation would need every rank)."""
+    sample_max_new_tokens: int = 32
+    """New tokens of each sample completion."""
     log_every: int = 10
     save_model: bool = True
     save_every: int = 0
@@ -95,6 +100,12 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not (value >= 0 and value != float("inf")):
                 raise ConfigError(f"config key 'train.{key}': {value} must be a finite number >= 0")
+        if self.sample_generations < 0:
+            raise ConfigError(f"config key 'train.sample_generations': {self.sample_generations} must be 0 "
+                              "(no samples) or more")
+        if self.sample_max_new_tokens < 1:
+            raise ConfigError(f"config key 'train.sample_max_new_tokens': {self.sample_max_new_tokens} must be at "
+                              "least 1")
         if self.max_skipped_steps < 1:
             raise ConfigError(f"config key 'train.max_skipped_steps': {self.max_skipped_steps} must be at least 1")
         if self.save_every < 0:

@@ -105,6 +105,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
             "batch_size": args.batch_size,
             "eval_before": False,
             "eval_after": args.eval_samples > 0,
+            "sample_generations": 0,
             "save_model": False,
             "progress": False,
             "log_every": max(1, args.steps // 10),

@@ -296,7 +296,8 @@ def _resolve_worker(spec: dict, batch_size: int, output: Path):
         "output": str(output),
         "train": {"max_steps": 100 * spec["steps"], "batch_size": batch_size, "bf16": spec["precision"] == "bf16",
                   "lr_schedule": "constant", "warmup_steps": 0, "seed": spec["seed"], "progress": False,
-                  "save_model": False, "eval_before": False, "eval_after": False, "device": spec.get("device", "cpu")},
+                  "save_model": False, "eval_before": False, "eval_after": False, "sample_generations": 0,
+                  "device": spec.get("device", "cpu")},
     }
     return resolve(raw)
 
