@@ -28,6 +28,7 @@ from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
 from layerwise.generate import generate_text  # noqa: E402
 from layerwise.measure import meft as meft_reports  # noqa: E402
 from layerwise.measure.bench import run_bench  # noqa: E402
+from layerwise.measure.gpu_check import write_report as write_gpu_check_report  # noqa: E402
 from layerwise.measure.memory import plan_command  # noqa: E402
 from layerwise.measure.profile import profile_methods  # noqa: E402
 from layerwise.measure.suite import run_scaling, run_suite, run_worker  # noqa: E402
@@ -121,6 +122,8 @@ def _measure_parser(sub) -> None:
     meft.add_argument("--batch", type=int, default=None)
     meft.add_argument("--length", type=int, default=None)
     meft.add_argument("--variants", default="1,2,3")
+    gpu = what.add_parser("gpu-check-report", help="summary.md of a scripts/gpu-check.sh folder (docs/benchmarks.md)")
+    gpu.add_argument("out_dir", metavar="OUT_DIR")
 
 
 def _generate_parser(sub) -> None:
@@ -257,6 +260,8 @@ def cmd_measure(args) -> int:
         (run_worker if args.what == "worker" else run_scaling)(spec)
     elif args.what == "profile":
         profile_methods(args.config, args.methods.split(","), args.steps, args.output)
+    elif args.what == "gpu-check-report":
+        print(f"summary: {write_gpu_check_report(args.out_dir)}")
     else:
         meft_reports.print_report(args)
     return 0
