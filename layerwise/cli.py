@@ -1,5 +1,6 @@
-"""``layerwise`` command line: ``train``, ``cache``, ``bench``, ``probe``, ``plan``, ``generate`` and ``measure`` (one
-measurement of the benchmarks alone), and the glue that turns each command's arguments into a run.
+"""``layerwise`` command line: ``train``, ``cache``, ``bench``, ``probe``, ``plan``, ``generate``, ``eval``
+(EleutherAI's lm-evaluation-harness) and ``measure`` (one measurement of the benchmarks alone), and the glue that
+turns each command's arguments into a run.
 
 Bad input exits with status 2 and one line on stderr that names the problem and the fix.
 """
@@ -26,6 +27,7 @@ from layerwise.data import PACKAGED_DATA, make_loader  # noqa: E402
 from layerwise.engine import resolve_device  # noqa: E402
 from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
 from layerwise.generate import generate_text  # noqa: E402
+from layerwise.harness import LOCAL_TASKS, run_eval  # noqa: E402
 from layerwise.measure import meft as meft_reports  # noqa: E402
 from layerwise.measure.bench import run_bench  # noqa: E402
 from layerwise.measure.gpu_check import write_report as write_gpu_check_report  # noqa: E402
@@ -136,6 +138,22 @@ def _generate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy, always the same)")
     p.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a run's model (or any causal LM) with EleutherAI's lm-evaluation-harness")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished `layerwise train` run (its model/ folder)")
+    p.add_argument("--model", help="score this model instead (smollm2, a folder, a .gguf file, a hub id), "
+                                   "on the run's held-out split")
+    p.add_argument("--tasks", help=f"comma-separated: {', '.join(LOCAL_TASKS)} or the harness's own "
+                                   f"(default: the one that matches the run's data)")
+    p.add_argument("--limit", type=int, help="score the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                   help="wrap prompts in the model's chat template (auto: for the chat task)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: its own)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--output", help="results folder (default: RUN_DIR/eval, or RUN_DIR/eval-NAME with --model NAME)")
 
 
 def build_raw_config(args) -> dict:
@@ -274,6 +292,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    run_eval(args.run_dir, model=args.model, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
+             output=args.output, chat_template=args.chat_template, dtype=args.dtype, device=args.device)
+    return 0
+
+
 def _read_json(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -315,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     _plan_parser(sub)
     _measure_parser(sub)
     _generate_parser(sub)
+    _eval_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, one line on stderr): a status, not an exception
@@ -322,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     commands = {"train": cmd_train, "cache": cmd_cache, "bench": cmd_bench, "probe": cmd_probe, "plan": cmd_plan, "measure": cmd_measure,
-                "generate": cmd_generate}
+                "generate": cmd_generate, "eval": cmd_eval}
     try:
         return commands[args.command](args)
     except LayerwiseError as exc:
