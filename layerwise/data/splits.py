@@ -40,15 +40,6 @@ class Splits:
     each batch as it is read (then :func:`tokenize_splits` tokenizes it); None: the columns are already normalised."""
 
 
-def _require(part: Part, col: str, key: str, source: str, what: str) -> list:
-    if col not in part.columns:
-        raise DataError(
-            f"column '{col}' not found in '{source}' (columns: {', '.join(part.columns) or 'none'}): "
-            f"set data.{key} to the column that holds the {what}"
-        )
-    return part.get(col)
-
-
 def _texts(values: list) -> list[str]:
     # A missing text (None, an empty CSV cell) is an empty string; numbers in a text column are text.
     return ["" if v is None else v if isinstance(v, str) else str(v) for v in values]
@@ -203,23 +194,31 @@ def _layout(columns: list[str], first: Callable[[str], Any], cfg: DataConfig, ta
     )
 
 
-def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, Layout]:
-    """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
-    first = parts[0]
-    layout = _layout(first.columns, lambda col: first.get(col)[0] if first.num_rows else None, cfg, task, source)
+def _plan(parts: list[Part], cfg: DataConfig, task: str, source: str, first: Callable[[str], Any],
+          distinct: Callable[[Part, str], Any]) -> tuple[Layout, list[str] | None]:
+    """The layout of ``parts`` (``first(col)``: the first part's first value in ``col``) and, for classification,
+    one label set for all parts (``distinct(part, col)``: the label values of a part), so an id means one class."""
+    layout = _layout(parts[0].columns, first, cfg, task, source)
     for part in parts[1:]:
         missing = [c for c in layout.sources.values() if c not in part.columns]
         if missing:
             raise DataError(f"column '{missing[0]}' not found in the '{part.name}' split of '{source}': give every split the same columns")
-    names = None
-    if task == "classification":
-        col = cfg.label_column
-        class_names = first.class_names.get(col)
-        if cfg.labels is None and class_names:
-            cfg = replace(cfg, labels=class_names)  # a ClassLabel column: its ints are ids into these names
-        # One label set for train and eval, so an id means the same class in both.
-        keys = {_label_key(v, col, source) for part in parts for v in part.get(col)}
-        layout.labels, names = _label_set(keys, cfg, source)
+    if task != "classification":
+        return layout, None
+    col = cfg.label_column
+    class_names = parts[0].class_names.get(col)
+    if cfg.labels is None and class_names:
+        cfg = replace(cfg, labels=class_names)  # a ClassLabel column: its ints are ids into these names
+    keys = {_label_key(v, col, source) for part in parts for v in distinct(part, col)}
+    layout.labels, names = _label_set(keys, cfg, source)
+    return layout, names
+
+
+def _normalise(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list[dict[str, list]], list[str] | None, Layout]:
+    """Columns of every part mapped to the normalised names; labels mapped with one label set for all parts."""
+    first = parts[0]
+    layout, names = _plan(parts, cfg, task, source, lambda col: first.get(col)[0] if first.num_rows else None,
+                          lambda part, col: part.get(col))
     return [layout.convert(part.get, source) for part in parts], names, layout
 
 
@@ -349,17 +348,10 @@ def _pick_parts(parts: list[Part], source: str) -> tuple[Part, Part | None]:
 def _mapped(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple[list, list[str] | None, Layout]:
     """Memory-mapped parts as they are, with the layout that normalises their rows when read; the first rows checked now."""
     first = parts[0].mapped
-    layout = _layout(parts[0].columns, lambda col: first[0][col] if first.num_rows else None, cfg, task, source)
+    # Distinct labels from Arrow (no Python list of every row).
+    layout, names = _plan(parts, cfg, task, source, lambda col: first[0][col] if first.num_rows else None,
+                          lambda part, col: part.mapped.unique(col))
     dss = [part.mapped.select_columns(list(dict.fromkeys(layout.sources.values()))) for part in parts]
-    names = None
-    if task == "classification":
-        col = cfg.label_column
-        class_names = parts[0].class_names.get(col)
-        if cfg.labels is None and class_names:
-            cfg = replace(cfg, labels=class_names)
-        # Distinct labels from Arrow (no Python list of every row).
-        keys = {_label_key(v, col, source) for ds in dss for v in ds.unique(col)}
-        layout.labels, names = _label_set(keys, cfg, source)
     for ds in dss:
         layout.convert(ds[: min(ds.num_rows, 1000)].__getitem__, source)  # bad rows fail here, not mid-run
     return dss, names, layout
