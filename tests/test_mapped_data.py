@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,32 @@ def test_a_hub_dataset_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="hf download someone/missing --repo-type dataset"):
         load_splits(DataConfig(source="someone/missing"), "classification")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def resident_bytes(paths: set[str]) -> tuple[int, int]:
+    """(mappings of ``paths`` in this process, their resident bytes) from /proc/self/smaps."""
+    count, rss, inside = 0, 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5] in paths
+            count += inside
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1]) * 1024
+    return count, rss
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps; releasing pages is Linux only")
+def test_rows_read_from_a_memory_mapped_file_do_not_stay_resident(tokenizer, tmp_path):
+    src = write(tmp_path / "d.jsonl", rows(5000))
+    cfg = DataConfig(source=src, memory_map="on", max_length=16, eval_size=100)
+    splits = load_splits(cfg, "classification")
+    paths = {os.path.realpath(f["filename"]) for f in splits.train.cache_files}
+    assert resident_bytes(paths) == (1, 0)  # mapped; what loading read was handed back
+    raw = [splits.train[i] for i in range(0, 4900, 97)]
+    assert resident_bytes(paths)[1] > 0  # a plain read leaves its pages resident
+    tokenized = tokenize_splits(splits, tokenizer, cfg, "classification")
+    assert resident_bytes(paths)[1] == 0
+    batch = tokenized.train.__getitems__(list(range(0, 4900, 97)))
+    assert resident_bytes(paths)[1] == 0  # the tokenizing read hands its pages back
+    assert [tokenized.label_names[b["labels"]] for b in batch] == [r["label"] for r in raw]

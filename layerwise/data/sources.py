@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import yaml
 
+from layerwise.data.mapped_pages import release
 from layerwise.errors import DataError
 from layerwise.models import package_dir
 
@@ -184,6 +185,7 @@ def _mapped_parts(builder: str, data_files: Any, what: str) -> list[Part]:
         raise DataError(f"cannot read {what} with datasets.load_dataset: {_one_line(cause)[:300]}; fix the file") from None
     parts = []
     for name, ds in loaded.items():
+        release(ds)  # the record batch headers read while opening it
         names = {col: list(f.names) for col, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
         parts.append(Part(name, list(ds.column_names), ds.num_rows, lambda col, ds=ds: list(ds[col]), names, mapped=ds))
     return parts

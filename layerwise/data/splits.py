@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from layerwise.data.mapped_pages import release
 from layerwise.data.settings import DataConfig
 from layerwise.data.sources import PACKAGED_DATA, Part, boolq, chatterbot, read_source, rotten_tomatoes
 from layerwise.errors import ConfigError, DataError
@@ -354,6 +355,7 @@ def _mapped(parts: list[Part], cfg: DataConfig, task: str, source: str) -> tuple
     dss = [part.mapped.select_columns(list(dict.fromkeys(layout.sources.values()))) for part in parts]
     for ds in dss:
         layout.convert(ds[: min(ds.num_rows, 1000)].__getitem__, source)  # bad rows fail here, not mid-run
+    release(*dss)
     return dss, names, layout
 
 

@@ -8,6 +8,7 @@ import re
 from dataclasses import replace
 from typing import Callable, Iterator
 
+from layerwise.data.mapped_pages import release
 from layerwise.data.settings import DataConfig
 from layerwise.data.splits import Splits
 from layerwise.errors import ConfigError, DataError
@@ -197,7 +198,9 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
         source = str(cfg.source)
 
         def read(batch) -> dict:
-            return encode(layout.convert(batch.__getitem__, source))
+            encoded = encode(layout.convert(batch.__getitem__, source))
+            release(splits.train, splits.eval)  # the rows are copied out: their pages need not stay resident
+            return encoded
 
         train, eval_ = splits.train.with_transform(read), splits.eval.with_transform(read)
         return replace(splits, train=train, eval=eval_, columns=tuple(train[0]), tokenized=True, dropped={"train": 0, "eval": 0})
