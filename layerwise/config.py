@@ -42,4 +42,6 @@ def resolve(raw: dict) -> tuple[RunConfig, Any]:
     raw["method"] = method
     cfg = build(RunConfig, raw)
     mcfg = method_config(cfg.method)
+    if cfg.train.lr is None:
+        cfg.train.lr = type(mcfg).default_lr
     return cfg, mcfg

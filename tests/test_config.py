@@ -52,3 +52,13 @@ def test_yaml_errors(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(bad)
+
+
+def test_each_method_trains_at_its_own_default_lr_unless_one_is_given():
+    from layerwise.methods import METHODS
+
+    for name, cls in METHODS.items():
+        method = {"name": name, **cls.stated_defaults(6, with_data=False, given={})}
+        cfg, mcfg = resolve({"method": method})
+        assert cfg.train.lr == type(mcfg).default_lr == cls.Config.default_lr > 0
+        assert resolve({"method": method, "train": {"lr": 0.0123}})[0].train.lr == 0.0123

@@ -310,3 +310,11 @@ def test_bf16_autocast_trains():
     losses = [trainer.train_step().loss for _ in range(6)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_trainer_without_an_lr_uses_the_methods_default():
+    from layerwise.methods.lora import LoraConfig
+
+    model = tiny_bert()
+    trainer = make_trainer(model, {"name": "lora"}, batch_for(model), lr=None)
+    assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {LoraConfig.default_lr}

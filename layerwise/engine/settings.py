@@ -17,7 +17,8 @@ class TrainConfig:
     """Optimizer steps (each one ``grad_accum`` micro-batches)."""
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float | None = None
+    """Peak learning rate; None: the method's own default (its config's ``default_lr``, docs/quality.md)."""
     weight_decay: float = 0.01
     warmup_steps: int = 20
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"

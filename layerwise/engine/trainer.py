@@ -154,7 +154,7 @@ class Trainer:
                 raise
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
-            lr=cfg.lr,
+            lr=type(method.config).default_lr if cfg.lr is None else cfg.lr,
             weight_decay=cfg.weight_decay,
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
             state_policy=method.optimizer_state or cfg.optimizer_state,

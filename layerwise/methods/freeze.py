@@ -1,6 +1,7 @@
 """``freeze``: a fixed set of blocks trains (``layers: [..]``, ``top: k`` or ``bottom: k``)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from layerwise.errors import ConfigError
 from layerwise.methods.base import Method, Plan
@@ -10,6 +11,8 @@ from layerwise.methods.registry import register
 @dataclass
 class FreezeConfig:
     name: str = "freeze"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     layers: list[int] | None = None
     top: int | None = None
     bottom: int | None = None

@@ -1,6 +1,7 @@
 """``full``: every parameter trains (the baseline)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from layerwise.methods.base import Method, Plan, all_blocks
 from layerwise.methods.registry import register
@@ -9,6 +10,8 @@ from layerwise.methods.registry import register
 @dataclass
 class FullConfig:
     name: str = "full"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
 
 
 @register

@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import ClassVar, Iterable, Iterator, Literal
 
 import torch
 from peft.tuners.ia3.layer import IA3Layer
@@ -52,6 +52,8 @@ _SELECT, _SUPPRESS, _PROBE_DATA = 0x157, 0x5FF, 0xDA7A
 @dataclass
 class IstConfig(AdapterConfig):
     name: str = "ist"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     adapter: Literal["lora", "dora", "ia3"] = "lora"
     """The per-layer PEFT module, injected with ``peft``."""
     feedforward_modules: list[str] | None = None

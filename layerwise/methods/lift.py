@@ -5,7 +5,7 @@ their own ``phase`` in the rotation. Backward stops at the active group.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -19,6 +19,8 @@ Policy = Literal["always", "never", "phase"]
 @dataclass
 class LiftConfig:
     name: str = "lift"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     k: int = 1
     """Blocks trained together in one phase."""
     schedule: Literal["bottom_up", "top_down", "random"] = "top_down"

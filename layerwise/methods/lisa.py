@@ -3,7 +3,7 @@ embeddings and head trained always (the reference) or never. Unlike the referenc
 owns only the active parameters, and blocks chosen at step 0 train too."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -15,6 +15,8 @@ from layerwise.methods.registry import register
 @dataclass
 class LisaConfig:
     name: str = "lisa"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     k: int = 2
     switch_every: int = 20
     embeddings: Literal["always", "never"] = "always"

@@ -2,6 +2,7 @@
 new task head) train; backward still runs to the first block."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from layerwise.methods.adapters import AdapterConfig, inject
 from layerwise.methods.base import Method, Plan, all_blocks
@@ -11,6 +12,8 @@ from layerwise.methods.registry import register
 @dataclass
 class LoraConfig(AdapterConfig):
     name: str = "lora"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
 
 
 @register

@@ -30,7 +30,7 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ COUPLINGS = {1: (0.1, 1.0, True), 2: (1.0, 0.1, True), 3: (0.1, 0.1, False)}
 @dataclass
 class MeftConfig:
     name: str = "meft"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     variant: int = 1
     """1, 2 or 3: the paper's MEFT1/2/3 couplings."""
     r: int = 16

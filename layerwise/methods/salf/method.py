@@ -12,7 +12,7 @@ folder and the cut to ``summary.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -37,6 +37,8 @@ from layerwise.methods.salf.probe import (
 @dataclass
 class SalfConfig(AdapterConfig):
     name: str = "salf"
+    default_lr: ClassVar[float] = 3e-4
+    """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     probe: str | None = None
     """Path of a probe.json (from ``layerwise probe``); None: probe at the start of the run."""
     samples: int = 512
