@@ -33,6 +33,7 @@ from layerwise.measure.bench import run_bench  # noqa: E402
 from layerwise.measure.gpu_check import write_report as write_gpu_check_report  # noqa: E402
 from layerwise.measure.memory import plan_command  # noqa: E402
 from layerwise.measure.profile import profile_methods  # noqa: E402
+from layerwise.measure.quality import write_report as write_quality_report  # noqa: E402
 from layerwise.measure.suite import run_scaling, run_suite, run_worker  # noqa: E402
 from layerwise.methods import METHODS, load_plugins  # noqa: E402
 from layerwise.methods.salf.probe import check_budget, format_table, run_probe, sample_batches, write_outputs  # noqa: E402
@@ -126,6 +127,10 @@ def _measure_parser(sub) -> None:
     meft.add_argument("--variants", default="1,2,3")
     gpu = what.add_parser("gpu-check-report", help="summary.md of a scripts/gpu-check.sh folder (docs/benchmarks.md)")
     gpu.add_argument("out_dir", metavar="OUT_DIR")
+    quality = what.add_parser("quality-report", help="held-out metric mean and sd over bench folders (seeds), with speed and memory (docs/quality.md)")
+    quality.add_argument("folders", nargs="+", metavar="BENCH_DIR", help="`layerwise bench --output` folders, e.g. one per seed")
+    quality.add_argument("--metric", default="accuracy", help="the held-out metric (summary.json `eval`): accuracy, loss, ...")
+    quality.add_argument("--output", required=True, help="writes OUTPUT.json and OUTPUT.md")
 
 
 def _generate_parser(sub) -> None:
@@ -280,6 +285,9 @@ def cmd_measure(args) -> int:
         profile_methods(args.config, args.methods.split(","), args.steps, args.output)
     elif args.what == "gpu-check-report":
         print(f"summary: {write_gpu_check_report(args.out_dir)}")
+    elif args.what == "quality-report":
+        out = write_quality_report(args.folders, args.metric, args.output)
+        print(out.with_suffix(".md").read_text(), end="")
     else:
         meft_reports.print_report(args)
     return 0

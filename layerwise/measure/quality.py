@@ -1,0 +1,119 @@
+"""Quality with error bars (docs/quality.md): the runs of ``layerwise bench`` folders (one folder per seed, or one
+folder holding a learning-rate screen) put together per entry: the learning rate and seed each run used (from its own
+resolved config), the held-out metric's mean and standard deviation over the runs, the median tokens/s and measured
+peak memory above the loaded model, and their ratios to ``full``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from layerwise.errors import ConfigError
+
+#: Held-out metrics where lower is better.
+LOWER_IS_BETTER = {"loss"}
+
+
+def read_runs(folders: list[str]) -> list[dict]:
+    """One record per finished run (``runs/LABEL-REPEAT/summary.json``) of the bench ``folders``."""
+    found = []
+    for folder in folders:
+        summaries = sorted((Path(folder) / "runs").glob("*/summary.json"))
+        if not summaries:
+            raise ConfigError(f"'{folder}' holds no finished bench run (runs/*/summary.json): pass a `layerwise bench --output` folder")
+        for path in summaries:
+            summary = json.loads(path.read_text())
+            train = yaml.safe_load((path.parent / "config.yaml").read_text())["train"]
+            found.append({
+                "label": path.parent.name.rsplit("-", 1)[0],
+                "method": summary["method"],
+                "lr": train["lr"],
+                "seed": train["seed"],
+                "frozen_dropout": train["frozen_dropout"],
+                "eval": summary["eval"],
+                "tokens_per_s": summary["tokens_per_s"],
+                "measured_peak": summary["memory"]["measured_peak"],
+                "train_seconds": summary["train_seconds"],
+                "steps": summary["steps"],
+                "folder": str(folder),
+            })
+    return found
+
+
+def summarise(folders: list[str], metric: str) -> dict:
+    """Per entry (bench label): the metric over its runs and the median speed and memory; ratios to ``full``."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in read_runs(folders):
+        if metric not in (run["eval"] or {}):
+            raise ConfigError(f"run {run['label']} in {run['folder']} has no held-out '{metric}': bench with --eval N (and the metric the task reports)")
+        groups[run["label"]].append(run)
+    entries = []
+    for label, runs in groups.items():
+        lrs = {r["lr"] for r in runs}
+        if len(lrs) > 1:
+            raise ConfigError(f"entry {label} ran at several learning rates ({sorted(lrs)}): give each lr its own bench label")
+        values = [r["eval"][metric] for r in runs]
+        entries.append({
+            "label": label,
+            "method": runs[0]["method"],
+            "lr": lrs.pop(),
+            "seeds": [r["seed"] for r in runs],
+            "frozen_dropout": sorted({r["frozen_dropout"] for r in runs}),
+            metric: values,
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "measured_peak": statistics.median(r["measured_peak"] for r in runs),
+            "train_seconds": statistics.median(r["train_seconds"] for r in runs),
+            "steps": runs[0]["steps"],
+        })
+    full = next((e for e in entries if e["label"] == "full"), None)
+    for e in entries:
+        e["tokens_per_s_x_full"] = e["tokens_per_s"] / full["tokens_per_s"] if full else None
+        e["memory_saving_x"] = full["measured_peak"] / e["measured_peak"] if full else None
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    best = {}
+    for e in sorted(entries, key=lambda e: sign * e["mean"]):
+        best.setdefault(e["method"], e["label"])
+    return {"metric": metric, "folders": [str(f) for f in folders], "entries": entries, "best_per_method": best}
+
+
+def markdown(summary: dict) -> str:
+    metric = summary["metric"]
+    lines = [
+        f"| entry | method | lr | runs (seeds) | held-out {metric}: mean ± sd | each run | tokens/s (median) | x full | "
+        "measured peak MiB (median) | saving x | training s (median) |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    # Mark each method's best entry where a method has several (a screen).
+    per_method = defaultdict(int)
+    for e in summary["entries"]:
+        per_method[e["method"]] += 1
+    best = {label for method, label in summary["best_per_method"].items() if per_method[method] > 1}
+
+    def ratio(x: float | None) -> str:
+        return "" if x is None else f"{x:.2f}"
+
+    for e in summary["entries"]:
+        spread = f"{e['mean']:.4f} ± {e['std']:.4f}" if e["std"] is not None else f"{e['mean']:.4f}"
+        lines.append(
+            f"| {e['label']}{' **(best)**' if e['label'] in best else ''} | {e['method']} | {e['lr']:g} | "
+            f"{len(e['seeds'])} ({', '.join(map(str, e['seeds']))}) | {spread} | {', '.join(f'{v:.4f}' for v in e[metric])} | "
+            f"{e['tokens_per_s']:.0f} | {ratio(e['tokens_per_s_x_full'])} | {e['measured_peak'] / 2**20:.0f} | "
+            f"{ratio(e['memory_saving_x'])} | {e['train_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folders: list[str], metric: str, output: str) -> Path:
+    """``OUTPUT.json`` (every run's figures and the summary) and ``OUTPUT.md`` (the table)."""
+    summary = summarise(folders, metric)
+    out = Path(output).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(summary))
+    return out
