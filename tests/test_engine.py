@@ -318,3 +318,19 @@ def test_a_trainer_without_an_lr_uses_the_methods_default():
     model = tiny_bert()
     trainer = make_trainer(model, {"name": "lora"}, batch_for(model), lr=None)
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {LoraConfig.default_lr}
+
+
+def test_causal_lm_eval_scores_the_first_target_token_of_each_example():
+    from layerwise.engine.trainer import evaluate
+
+    model = tiny_llama().eval()
+    ids = torch.randint(5, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    ids[0, 4] = predicted[0, 3]  # row 0's first target is what the model predicts there (logits before it unchanged)
+    ids[1, 7] = (predicted[1, 6] + 1) % 1000  # row 1's is not
+    labels = ids.clone()
+    labels[0, :4], labels[1, :7], labels[2, :] = -100, -100, -100  # row 2 has no target
+    result = evaluate(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}], "causal_lm",
+                      torch.device("cpu"))
+    assert result["examples"] == 2 and result["first_token_accuracy"] == 0.5

@@ -344,9 +344,11 @@ def keep_inputs_grad_free(model: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, task: str, device: torch.device, bf16: bool = False) -> dict:
-    """Held-out metrics: accuracy (and loss) for classification; loss and perplexity for causal LM.
+    """Held-out metrics: accuracy (and loss) for classification; loss, perplexity and first-token accuracy for causal LM.
 
-    Causal-LM loss is the token-weighted mean over all label tokens (not a mean of batch means).
+    Causal-LM loss is the token-weighted mean over all label tokens (not a mean of batch means). First-token accuracy
+    is the share of examples whose first target token (the answer's first token: BoolQ's yes/no) is the argmax over
+    the whole vocabulary.
     """
     was_training = model.training
     model.eval()
@@ -370,8 +372,15 @@ def evaluate(model: nn.Module, loader, task: str, device: torch.device, bf16: bo
                     torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
                 )
                 tokens += int((shift_labels != -100).sum())
+                targets = labels[:, 1:]
+                answered = (targets != -100).any(dim=1)
+                first = (targets != -100).int().argmax(dim=1, keepdim=True)
+                hit = logits[:, :-1].gather(1, first.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).argmax(-1) == targets.gather(1, first)
+                correct += int((hit.squeeze(1) & answered).sum())
+                count += int(answered.sum())
     model.train(was_training)
     if task == "classification":
         return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1), "examples": count}
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "first_token_accuracy": correct / max(count, 1),
+            "examples": count}
