@@ -178,8 +178,11 @@ class Run:
         train_loader, eval_loader = self.loaders()
         context = RunContext(train_loader=train_loader, eval_loader=eval_loader, tokenizer=self.tokenizer, output=self.output,
                              device=self.device)
+        started = time.perf_counter()
         self.method, self.model = setup(mcfg, model, task=self.task, blocks=cfg.blocks, seed=cfg.train.seed,
                                         max_steps=cfg.train.max_steps, context=context, anatomy=anatomy)
+        # What a method does before its first step (salf's probe) is part of its end-to-end time.
+        self.setup_seconds = time.perf_counter() - started
         if self.method.anatomy.tied_head():
             n = sum(p.numel() for p in self.method.anatomy.head_parameters())
             log(f"head: the output projection is tied to the input embeddings, so a plan's head trains the final norm only "
@@ -402,6 +405,7 @@ class Run:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "train_seconds": totals.seconds,
+            "setup_seconds": self.setup_seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9),
             "samples_per_s": samples / max(seconds, 1e-9),
             "peak_memory_bytes": peak_process,

@@ -20,7 +20,7 @@ def bench_run(folder, label, seed, method, lr, accuracy, loss, tokens_per_s, pea
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": lr, "seed": seed, "frozen_dropout": True}}))
     (run / "summary.json").write_text(json.dumps({
         "method": method, "eval": {"accuracy": accuracy, "loss": loss}, "tokens_per_s": tokens_per_s,
-        "memory": {"measured_peak": peak}, "train_seconds": 10.0, "steps": 100}))
+        "memory": {"measured_peak": peak}, "train_seconds": 10.0, "setup_seconds": 2.5 if method == "lift" else 0.0, "steps": 100}))
 
 
 @pytest.fixture
@@ -43,6 +43,7 @@ def test_entries_are_put_together_over_seeds_with_ratios_to_full(seeds):
     assert full["mean"] == pytest.approx(0.80) and full["std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.78]))
     assert lift["tokens_per_s_x_full"] == pytest.approx(302 / 102) and lift["memory_saving_x"] == pytest.approx(3.0)
     assert summary["best_per_method"] == {"full": "full", "lift": "lift_lr1e-3"}
+    assert (full["seconds"], lift["seconds"], lift["train_seconds"]) == (10.0, 12.5, 10.0)
     # Loss: lower is better.
     assert summarise(seeds, "loss")["best_per_method"]["lift"] == "lift"
 
