@@ -129,7 +129,7 @@ def _measure_parser(sub) -> None:
     gpu.add_argument("out_dir", metavar="OUT_DIR")
     quality = what.add_parser("quality-report", help="held-out metric mean and sd over bench folders (seeds), with speed and memory (docs/quality.md)")
     quality.add_argument("folders", nargs="+", metavar="BENCH_DIR", help="`layerwise bench --output` folders, e.g. one per seed")
-    quality.add_argument("--metric", default="accuracy", help="the held-out metric (summary.json `eval`): accuracy, loss, ...")
+    quality.add_argument("--metrics", default="accuracy", help="comma-separated held-out metrics (summary.json `eval`), the first ranks: accuracy, loss, first_token_accuracy, ...")
     quality.add_argument("--output", required=True, help="writes OUTPUT.json and OUTPUT.md")
 
 
@@ -286,7 +286,7 @@ def cmd_measure(args) -> int:
     elif args.what == "gpu-check-report":
         print(f"summary: {write_gpu_check_report(args.out_dir)}")
     elif args.what == "quality-report":
-        out = write_quality_report(args.folders, args.metric, args.output)
+        out = write_quality_report(args.folders, [m.strip() for m in args.metrics.split(",") if m.strip()], args.output)
         print(out.with_suffix(".md").read_text(), end="")
     else:
         meft_reports.print_report(args)

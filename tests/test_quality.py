@@ -36,31 +36,33 @@ def seeds(tmp_path):
 
 
 def test_entries_are_put_together_over_seeds_with_ratios_to_full(seeds):
-    summary = summarise(seeds, "accuracy")
+    summary = summarise(seeds, ["accuracy", "loss"])
     by_label = {e["label"]: e for e in summary["entries"]}
     full, lift = by_label["full"], by_label["lift"]
     assert full["seeds"] == lift["seeds"] == [1, 2, 3] and (full["lr"], lift["lr"]) == (1e-4, 3e-4)
-    assert full["mean"] == pytest.approx(0.80) and full["std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.78]))
+    accuracy = full["metrics"]["accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.80) and accuracy["std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.78]))
+    assert full["metrics"]["loss"]["values"] == [0.5, 0.5, 0.5]
     assert lift["tokens_per_s_x_full"] == pytest.approx(302 / 102) and lift["memory_saving_x"] == pytest.approx(3.0)
     assert summary["best_per_method"] == {"full": "full", "lift": "lift_lr1e-3"}
     assert (full["seconds"], lift["seconds"], lift["train_seconds"]) == (10.0, 12.5, 10.0)
     # Loss: lower is better.
-    assert summarise(seeds, "loss")["best_per_method"]["lift"] == "lift"
+    assert summarise(seeds, ["loss"])["best_per_method"]["lift"] == "lift"
 
 
 def test_the_command_writes_json_and_markdown(seeds, tmp_path, capsys):
-    assert main(["measure", "quality-report", *seeds, "--output", str(tmp_path / "out" / "quality")]) == 0
+    assert main(["measure", "quality-report", *seeds, "--metrics", "accuracy,loss", "--output", str(tmp_path / "out" / "quality")]) == 0
     table = capsys.readouterr().out
-    assert "| lift_lr1e-3 **(best)** | lift | 0.001 | 3 (1, 2, 3) | 0.7700 ± 0.0200 |" in table
-    assert json.loads((tmp_path / "out" / "quality.json").read_text())["metric"] == "accuracy"
+    assert "| lift_lr1e-3 **(best)** | lift | 0.001 | 3 (1, 2, 3) | 100 | 0.7700 ± 0.0200 | 0.7500, 0.7900, 0.7700 | 0.7000 ± 0.0000 |" in table
+    assert json.loads((tmp_path / "out" / "quality.json").read_text())["metrics"] == ["accuracy", "loss"]
     assert (tmp_path / "out" / "quality.md").read_text() == table
 
 
 def test_an_entry_at_two_learning_rates_or_without_the_metric_is_refused(seeds, tmp_path):
     bench_run(tmp_path / "other", "full", 4, "full", 3e-4, 0.8, 0.5, 100.0, 600 * 2**20)
     with pytest.raises(ConfigError, match="several learning rates"):
-        summarise([*seeds, str(tmp_path / "other")], "accuracy")
+        summarise([*seeds, str(tmp_path / "other")], ["accuracy"])
     with pytest.raises(ConfigError, match="no held-out 'f1'"):
-        summarise(seeds, "f1")
+        summarise(seeds, ["accuracy", "f1"])
     with pytest.raises(ConfigError, match="no finished bench run"):
-        summarise([str(tmp_path)], "accuracy")
+        summarise([str(tmp_path)], ["accuracy"])

@@ -46,28 +46,31 @@ def read_runs(folders: list[str]) -> list[dict]:
     return found
 
 
-def summarise(folders: list[str], metric: str) -> dict:
-    """Per entry (bench label): the metric over its runs and the median speed and memory; ratios to ``full``."""
+def summarise(folders: list[str], metrics: list[str]) -> dict:
+    """Per entry (bench label): each metric over its runs and the median speed and memory; ratios to ``full``. The
+    first metric ranks each method's entries (``best_per_method``)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in read_runs(folders):
-        if metric not in (run["eval"] or {}):
-            raise ConfigError(f"run {run['label']} in {run['folder']} has no held-out '{metric}': bench with --eval N (and the metric the task reports)")
+        missing = [m for m in metrics if m not in (run["eval"] or {})]
+        if missing:
+            raise ConfigError(f"run {run['label']} in {run['folder']} has no held-out '{missing[0]}': bench with --eval N (and a metric the task reports)")
         groups[run["label"]].append(run)
     entries = []
     for label, runs in groups.items():
         lrs = {r["lr"] for r in runs}
         if len(lrs) > 1:
             raise ConfigError(f"entry {label} ran at several learning rates ({sorted(lrs)}): give each lr its own bench label")
-        values = [r["eval"][metric] for r in runs]
+        scores = {}
+        for metric in metrics:
+            values = [r["eval"][metric] for r in runs]
+            scores[metric] = {"values": values, "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
         entries.append({
             "label": label,
             "method": runs[0]["method"],
             "lr": lrs.pop(),
             "seeds": [r["seed"] for r in runs],
             "frozen_dropout": sorted({r["frozen_dropout"] for r in runs}),
-            metric: values,
-            "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "metrics": scores,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "measured_peak": statistics.median(r["measured_peak"] for r in runs),
             "train_seconds": statistics.median(r["train_seconds"] for r in runs),
@@ -78,22 +81,23 @@ def summarise(folders: list[str], metric: str) -> dict:
     for e in entries:
         e["tokens_per_s_x_full"] = e["tokens_per_s"] / full["tokens_per_s"] if full else None
         e["memory_saving_x"] = full["measured_peak"] / e["measured_peak"] if full else None
-    sign = 1 if metric in LOWER_IS_BETTER else -1
+    sign = 1 if metrics[0] in LOWER_IS_BETTER else -1
     best = {}
-    for e in sorted(entries, key=lambda e: sign * e["mean"]):
+    for e in sorted(entries, key=lambda e: sign * e["metrics"][metrics[0]]["mean"]):
         best.setdefault(e["method"], e["label"])
-    return {"metric": metric, "folders": [str(f) for f in folders], "entries": entries, "best_per_method": best}
+    return {"metrics": metrics, "folders": [str(f) for f in folders], "entries": entries, "best_per_method": best}
 
 
 def markdown(summary: dict) -> str:
-    metric = summary["metric"]
+    metrics = summary["metrics"]
     lines = [
-        f"| entry | method | lr | runs (seeds) | held-out {metric}: mean ± sd | each run | tokens/s (median) | x full | "
-        "measured peak MiB (median) | saving x | setup + training s (median) |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|",
+        "| entry | method | lr | runs (seeds) | steps | "
+        + " | ".join(f"held-out {m}: mean ± sd | each run" for m in metrics)
+        + " | tokens/s (median) | x full | measured peak MiB (median) | saving x | setup + training s (median) |",
+        "|---|---|---:|---|---:|" + "---|---|" * len(metrics) + "---:|---:|---:|---:|---:|",
     ]
     # Mark each method's best entry where a method has several (a screen).
-    per_method = defaultdict(int)
+    per_method: dict[str, int] = defaultdict(int)
     for e in summary["entries"]:
         per_method[e["method"]] += 1
     best = {label for method, label in summary["best_per_method"].items() if per_method[method] > 1}
@@ -101,20 +105,24 @@ def markdown(summary: dict) -> str:
     def ratio(x: float | None) -> str:
         return "" if x is None else f"{x:.2f}"
 
+    def score(s: dict) -> str:
+        spread = f"{s['mean']:.4f} ± {s['std']:.4f}" if s["std"] is not None else f"{s['mean']:.4f}"
+        return f"{spread} | {', '.join(f'{v:.4f}' for v in s['values'])}"
+
     for e in summary["entries"]:
-        spread = f"{e['mean']:.4f} ± {e['std']:.4f}" if e["std"] is not None else f"{e['mean']:.4f}"
         lines.append(
             f"| {e['label']}{' **(best)**' if e['label'] in best else ''} | {e['method']} | {e['lr']:g} | "
-            f"{len(e['seeds'])} ({', '.join(map(str, e['seeds']))}) | {spread} | {', '.join(f'{v:.4f}' for v in e[metric])} | "
-            f"{e['tokens_per_s']:.0f} | {ratio(e['tokens_per_s_x_full'])} | {e['measured_peak'] / 2**20:.0f} | "
+            f"{len(e['seeds'])} ({', '.join(map(str, e['seeds']))}) | {e['steps']} | "
+            + " | ".join(score(e["metrics"][m]) for m in metrics)
+            + f" | {e['tokens_per_s']:.0f} | {ratio(e['tokens_per_s_x_full'])} | {e['measured_peak'] / 2**20:.0f} | "
             f"{ratio(e['memory_saving_x'])} | {e['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_report(folders: list[str], metric: str, output: str) -> Path:
+def write_report(folders: list[str], metrics: list[str], output: str) -> Path:
     """``OUTPUT.json`` (every run's figures and the summary) and ``OUTPUT.md`` (the table)."""
-    summary = summarise(folders, metric)
+    summary = summarise(folders, metrics)
     out = Path(output).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
