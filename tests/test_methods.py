@@ -31,6 +31,20 @@ def test_lift_bottom_up_and_top_down(anatomy):
     assert [down.plan(s).blocks for s in range(4)] == [(3,), (2,), (1,), (0,)]
 
 
+def test_lift_fits_its_schedule_to_the_run_and_says_what_it_reaches(anatomy, capsys):
+    def blocks_trained(method, steps):
+        return {b for s in range(steps) for b in method.plan(s).blocks}
+
+    fitted = create_method(method_config({"name": "lift"}), anatomy, task="classification", max_steps=9)
+    fitted.prepare(None)
+    assert fitted.switch_every == 2 and blocks_trained(fitted, 9) == {0, 1, 2, 3}  # one whole pass, then block 3 again
+    assert "4 phases of 2 steps (top_down: block 3 -> block 2 -> block 1 -> block 0), 1.12 passes in 9 steps" in capsys.readouterr().out
+    fixed = create_method(method_config({"name": "lift", "switch_every": 4}), anatomy, task="classification", max_steps=9)
+    fixed.prepare(None)
+    assert blocks_trained(fixed, 9) == {3, 2, 1}
+    assert "reach 3 of the 4 phases, so block 0 is never trained: raise train.max_steps to 16" in capsys.readouterr().out
+
+
 def test_lift_k_and_phase_policies(anatomy):
     m = make(anatomy, name="lift", k=3, switch_every=1, embeddings="phase", head="phase", schedule="bottom_up")
     plans = [m.plan(s) for s in range(4)]
