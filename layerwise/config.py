@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from layerwise.data import DataConfig
 from layerwise.engine.settings import TrainConfig
-from layerwise.methods import method_config
+from layerwise.methods import default_lr, method_config
 from layerwise.schema import build
 
 
@@ -43,5 +43,5 @@ def resolve(raw: dict) -> tuple[RunConfig, Any]:
     cfg = build(RunConfig, raw)
     mcfg = method_config(cfg.method)
     if cfg.train.lr is None:
-        cfg.train.lr = type(mcfg).default_lr
+        cfg.train.lr = default_lr(mcfg)
     return cfg, mcfg

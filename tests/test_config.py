@@ -57,8 +57,19 @@ def test_yaml_errors(tmp_path):
 def test_each_method_trains_at_its_own_default_lr_unless_one_is_given():
     from layerwise.methods import METHODS
 
-    for name, cls in METHODS.items():
+    builtin = {name: cls for name, cls in METHODS.items() if cls.__module__.startswith("layerwise.")}
+    assert len(builtin) >= 8
+    for name, cls in builtin.items():
         method = {"name": name, **cls.stated_defaults(6, with_data=False, given={})}
         cfg, mcfg = resolve({"method": method})
-        assert cfg.train.lr == type(mcfg).default_lr == cls.Config.default_lr > 0
+        assert cfg.train.lr == cls.Config.default_lr > 0  # declared by every method layerwise ships
         assert resolve({"method": method, "train": {"lr": 0.0123}})[0].train.lr == 0.0123
+
+
+def test_a_method_config_without_a_default_lr_trains_at_the_fallback():
+    from layerwise.methods.base import FALLBACK_LR, default_lr
+
+    class PluginConfig:
+        name = "plugin"
+
+    assert default_lr(PluginConfig()) == FALLBACK_LR

@@ -11,7 +11,7 @@ import yaml
 
 from layerwise.cli import main
 from layerwise.errors import ConfigError
-from layerwise.measure.quality import summarise
+from layerwise.measure.quality import default_lrs, summarise
 
 
 def bench_run(folder, label, seed, method, lr, accuracy, loss, tokens_per_s, peak):
@@ -66,3 +66,26 @@ def test_an_entry_at_two_learning_rates_or_without_the_metric_is_refused(seeds, 
         summarise(seeds, ["accuracy", "f1"])
     with pytest.raises(ConfigError, match="no finished bench run"):
         summarise([str(tmp_path)], ["accuracy"])
+
+
+def test_default_lrs_take_the_best_summed_rank_over_the_screens(seeds, tmp_path):
+    minilm = summarise(seeds, ["accuracy"])  # lift: 1e-3 better than 3e-4
+    decoder = tmp_path / "decoder"
+    bench_run(decoder, "lift_lr3e-4", 0, "lift", 3e-4, 0.0, 0.40, 300.0, 200 * 2**20)
+    bench_run(decoder, "lift_lr1e-3", 0, "lift", 1e-3, 0.0, 0.45, 300.0, 200 * 2**20)
+    bench_run(decoder, "lift_lr3e-3", 0, "lift", 3e-3, 0.0, 0.35, 300.0, 200 * 2**20)
+    decoder_screen = summarise([str(decoder)], ["loss"])  # lift: 3e-3 best, then 3e-4, then 1e-3
+    # Ranked among the lrs both tried: 3e-4 -> 2 + 1, 1e-3 -> 1 + 2; a tie goes to the smaller lr.
+    assert default_lrs([minilm, decoder_screen]) == {"full": 1e-4, "lift": 3e-4}
+    assert default_lrs([decoder_screen])["lift"] == 3e-3
+
+
+def test_every_methods_default_lr_is_the_one_its_committed_screens_chose():
+    from pathlib import Path
+
+    from layerwise.methods import METHODS
+
+    screens = [json.loads(p.read_text()) for p in sorted((Path(__file__).parents[1] / "docs" / "bench" / "quality").glob("*-screen.json"))]
+    assert screens, "docs/bench/quality/*-screen.json: the committed learning-rate screens"
+    assert default_lrs(screens) == {name: cls.Config.default_lr for name, cls in METHODS.items() if name in default_lrs(screens)}
+    assert set(default_lrs(screens)) >= {"full", "lift", "lisa", "freeze", "salf", "lora", "ist", "meft"}

@@ -78,7 +78,10 @@ def test_report_structure_charts_and_json(suite):
             q = run["quality"]
             assert q["at_steps"]["step"] == entry["steps"] and q["points"][0]["step"] == 0
             assert q["at_time"]["seconds"] >= entry["time_budget_s"][prec] or q["at_time"]["step"] >= entry["steps"]
-            assert "budget_bytes" in run["equal_memory"] and run["equal_memory"]["batch_size"] >= 1
+            em = run["equal_memory"]
+            assert "budget_bytes" in em and em["batch_size"] >= 1
+            # Equal memory is timed over the same steps as equal batch: LIFT over the same plans, its whole schedule.
+            assert em["steps"] == eb["timed_steps"] and (em["plans"] == eb["plans"] or not label.startswith("lift"))
         assert runs["full"]["equal_memory"]["max_batch_predicted"] == entry["budget_batch"]
         # IST's importance loop (every 10 steps) ran inside the timed window and was measured as method hook time.
         assert runs["ist"]["equal_batch"]["phases"]["method_hook"] > 0

@@ -20,7 +20,7 @@ from layerwise.engine.meter import PeakMemory, SavedTensorMeter, grad_bytes, par
 from layerwise.engine.optim import ActiveOptimizer, fused_supported
 from layerwise.engine.settings import TrainConfig
 from layerwise.errors import NumericalError
-from layerwise.methods import Method, Plan
+from layerwise.methods import Method, Plan, default_lr
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Trainer:
                 raise
         self.optimizer = ActiveOptimizer(
             method.parameters(self.plan),
-            lr=type(method.config).default_lr if cfg.lr is None else cfg.lr,
+            lr=default_lr(method.config) if cfg.lr is None else cfg.lr,
             weight_decay=cfg.weight_decay,
             # A method may fix its own policy (IST: ``retain``, one optimizer over all adapters).
             state_policy=method.optimizer_state or cfg.optimizer_state,

@@ -128,3 +128,26 @@ def write_report(folders: list[str], metrics: list[str], output: str) -> Path:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(summary))
     return out
+
+
+def default_lrs(screens: list[dict]) -> dict[str, float]:
+    """Each method's default lr from its screens (``summarise`` of one bench per model): among the lrs every screen
+    tried for the method, the one with the best rank summed over the screens (rank 1: the best mean of the screen's
+    first metric on that model); ties go to the smaller lr."""
+    per_screen: dict[str, list[tuple[int, dict[float, float]]]] = defaultdict(list)
+    for screen in screens:
+        metric = screen["metrics"][0]
+        scores: dict[str, dict[float, float]] = defaultdict(dict)
+        for e in screen["entries"]:
+            scores[e["method"]][e["lr"]] = e["metrics"][metric]["mean"]
+        for method, by_lr in scores.items():
+            per_screen[method].append((1 if metric in LOWER_IS_BETTER else -1, by_lr))
+    chosen = {}
+    for method, screens_of_method in per_screen.items():
+        common = set.intersection(*(set(by_lr) for _, by_lr in screens_of_method))
+        rank_sum = dict.fromkeys(common, 0)
+        for sign, by_lr in screens_of_method:
+            for rank, lr in enumerate(sorted(common, key=lambda lr: sign * by_lr[lr]), start=1):
+                rank_sum[lr] += rank
+        chosen[method] = min(common, key=lambda lr: (rank_sum[lr], lr))
+    return chosen

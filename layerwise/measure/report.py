@@ -257,7 +257,8 @@ def _equal_memory(model: str, entry: dict, out: Path) -> list[str]:
             "",
             f"Budget {full['budget_bytes'] / MiB:.1f} MiB: what `full` needs at batch {entry['budget_batch']} (layerwise plan's prediction). "
             "Largest batch per method predicted by `layerwise plan` (activations affine in the batch, from two real steps), "
-            "capped at the suite's batch cap; tokens/s and training memory measured at that batch.",
+            "capped at the suite's batch cap; tokens/s and training memory measured at that batch over the step budget "
+            "(a switching method over its whole schedule; the first step not timed).",
             "",
             "| method | largest batch (predicted) | batch run | measured training memory (MiB) | % of budget | tokens/s | throughput gain x |",
             "|---|---:|---:|---:|---|---:|---:|",

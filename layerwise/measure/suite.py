@@ -82,20 +82,20 @@ PRESETS = {
     # steps: step budget (also the equal-batch window; the IST importance loop, every probe_every steps,
     # must fall inside it); eval_every/eval_samples: the quality curve; max_steps_factor: the wall-clock
     # run stops at full's time or at this many times the step budget, whichever comes first;
-    # memory_steps/batch_cap: the equal-memory run (the first step is not timed); scaling: sizes per
+    # batch_cap: the equal-memory run's largest batch (it runs the step budget, the first step not timed); scaling: sizes per
     # axis and steps per point. Sized for 2 CPU cores: full under 60 minutes, quick under 10.
     "full": {
         "minilm": dict(seq_len=64, batch_size=8, steps=30, eval_every=15, eval_samples=256, train_samples=None),
         "smollm2": dict(seq_len=64, batch_size=4, steps=12, eval_every=6, eval_samples=32, train_samples=4000),
         "tiny": dict(seq_len=32, batch_size=8, steps=12, eval_every=4, eval_samples=64, train_samples=512),
-        "memory_steps": 3, "batch_cap": 16, "salf_samples": 256, "max_steps_factor": 2,
+        "batch_cap": 16, "salf_samples": 256, "max_steps_factor": 2,
         "scaling": dict(depth=[4, 8, 16, 32, 48], seq_len=[32, 64, 128, 256], batch=[1, 2, 4, 8, 16], steps=6),
     },
     "quick": {
         "minilm": dict(seq_len=64, batch_size=8, steps=6, eval_every=6, eval_samples=32, train_samples=2000, ist_probe_every=5),
         "smollm2": dict(seq_len=32, batch_size=2, steps=3, eval_every=3, eval_samples=8, train_samples=500, ist_probe_every=2),
         "tiny": dict(seq_len=16, batch_size=4, steps=11, eval_every=5, eval_samples=16, train_samples=64),
-        "memory_steps": 2, "batch_cap": 4, "salf_samples": 16, "max_steps_factor": 1.5,
+        "batch_cap": 4, "salf_samples": 16, "max_steps_factor": 1.5,
         "scaling": dict(depth=[4, 12, 24], seq_len=[16, 32, 64, 128], batch=[1, 2, 4, 8], steps=3),
     },
 }
@@ -420,9 +420,12 @@ def run_worker(spec: dict) -> dict:
         run.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mem["batch_size"]))
         big_loader, _ = run.loaders()
         trainer = Trainer(run.model, run.method, run.cfg.train, BatchStream(big_loader), device=run.device)
-        recs = [trainer.train_step() for _ in range(spec["memory_steps"])][1:]
+        # The step budget, as at equal batch: a switching method is timed over its whole schedule (every plan it
+        # runs), not on the plan it starts with; the first step is not timed.
+        recs = [trainer.train_step() for _ in range(max(steps, 2))][1:]
         mem.update(tokens_per_s=sum(r.tokens for r in recs) / sum(r.seconds for r in recs),
-                   memory={k: int(v) for k, v in trainer.totals.peak.items()}, steps=len(recs))
+                   memory={k: int(v) for k, v in trainer.totals.peak.items()}, steps=len(recs),
+                   plans=sorted({r.plan.describe() for r in recs}))
     result["equal_memory"] = mem
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
     return result
@@ -605,7 +608,7 @@ def run_suite(args) -> dict:
                         "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
                         "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
                         "time_budget": budget_time, "max_steps": int(preset["max_steps_factor"] * size["steps"]), "memory_budget": budget_mem, "budget_batch": 8,
-                        "batch_cap": preset["batch_cap"], "memory_steps": preset["memory_steps"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
+                        "batch_cap": preset["batch_cap"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
                         "command": f"layerwise measure worker {spec_path}"}
                 spec_path.write_text(json.dumps(spec, indent=2))

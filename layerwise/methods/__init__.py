@@ -7,11 +7,11 @@ A new method is one file here; the command line also imports the modules named i
 import importlib
 import pkgutil
 
-from layerwise.methods.base import Method, Plan, RunContext
+from layerwise.methods.base import Method, Plan, RunContext, default_lr
 from layerwise.methods.registry import METHODS, create_method, load_plugins, method_config, names_where, register, setup
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "Plan", "RunContext", "create_method", "load_plugins", "method_config", "names_where", "register",
+__all__ = ["METHODS", "Method", "Plan", "RunContext", "create_method", "default_lr", "load_plugins", "method_config", "names_where", "register",
            "setup"]

@@ -192,6 +192,15 @@ class Method:
                 )
 
 
+#: The learning rate of a method whose config declares no ``default_lr`` (a method defined outside layerwise).
+FALLBACK_LR = 3e-4
+
+
+def default_lr(config: Any) -> float:
+    """train.lr when the config leaves it unset: the method config's ``default_lr`` (docs/quality.md's screen)."""
+    return getattr(type(config), "default_lr", FALLBACK_LR)
+
+
 def all_blocks(anatomy: Anatomy) -> tuple[int, ...]:
     return tuple(range(anatomy.num_blocks))
 
