@@ -117,7 +117,23 @@ def markdown(summary: dict) -> str:
             + f" | {e['tokens_per_s']:.0f} | {ratio(e['tokens_per_s_x_full'])} | {e['measured_peak'] / 2**20:.0f} | "
             f"{ratio(e['memory_saving_x'])} | {e['seconds']:.1f} |"
         )
+    if best:
+        lines += ["", *screen_lines(summary)]
     return "\n".join(lines) + "\n"
+
+
+def screen_lines(summary: dict) -> list[str]:
+    """A screen at a glance: each method's lrs in order with the first metric's mean, and the best."""
+    metric = summary["metrics"][0]
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for e in summary["entries"]:
+        by_method[e["method"]].append(e)
+    lines = [f"| method | held-out {metric} at each lr | best lr |", "|---|---|---:|"]
+    for method in sorted(by_method, key=lambda m: (m != "full", m)):
+        tried = " · ".join(f"{e['lr']:g}: {e['metrics'][metric]['mean']:.4f}" for e in sorted(by_method[method], key=lambda e: e["lr"]))
+        chosen = next(e["lr"] for e in by_method[method] if e["label"] == summary["best_per_method"][method])
+        lines.append(f"| {method} | {tried} | {chosen:g} |")
+    return lines
 
 
 def write_report(folders: list[str], metrics: list[str], output: str) -> Path:
