@@ -1,14 +1,20 @@
-"""layerwise methods inside transformers.Trainer (issue 7, deliverable 3)."""
+"""layerwise methods inside transformers.Trainer (issue 7, deliverable 3; every method: issue 19)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import batch_for, tiny_bert
-from transformers import Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments, default_data_collator
 
+from layerwise.engine import Trainer as EngineTrainer
+from layerwise.engine.settings import TrainConfig
 from layerwise.errors import ConfigError
-from layerwise.integrations.hf import LayerwiseCallback
+from layerwise.integrations.hf import LayerwiseCallback, train_loader_from
+from layerwise.methods import RunContext, method_config, setup
 
 STEPS = 6
 
@@ -67,17 +73,27 @@ def test_trainer_with_lift_changes_only_the_scheduled_blocks(tmp_path):
     assert not plain.active.fused and not plain.optimizer.param_groups[0]["fused"]
 
 
-def test_trainer_refuses_its_own_optimizer_and_engine_only_methods(tmp_path):
+def test_trainer_refusals(tmp_path):
     model = tiny_bert()
     args = training_args(tmp_path)
-    with pytest.raises(ConfigError, match="needs the layerwise engine"):
-        LayerwiseCallback(model, "ist", args=args)
     with pytest.raises(ConfigError, match="method.k"):
         LayerwiseCallback(model, "lift", args=args, k=0)
     cb = LayerwiseCallback(model, "lift", args=args, switch_every=2)
     trainer = Trainer(model=cb.model, args=args, train_dataset=Rows(model), callbacks=[cb])
     with pytest.raises(ConfigError, match="optimizers=\\(callback.optimizer, None\\)"):
         trainer.train()
+    # IST's probe batches from a held-out split: the Trainer gives callbacks none; refused before the first step.
+    cb = LayerwiseCallback(tiny_bert(), "ist", args=args, importance_batch="heldout")
+    trainer = Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb])
+    with pytest.raises(ConfigError, match="importance_batch=heldout needs a held-out split"):
+        trainer.train()
+    assert cb.history == []
+    # SALF's probe picks the blocks at on_train_begin, after a multi-process Trainer has built DistributedDataParallel.
+    cb = LayerwiseCallback(tiny_bert(), "salf", args=args, samples=16)
+    several = SimpleNamespace(world_size=2, per_device_train_batch_size=4)
+    with pytest.raises(ConfigError, match="'salf' chose its trainable set from the training data"):
+        cb.on_train_begin(several, TrainerState(), TrainerControl(), optimizer=cb.optimizer,
+                          train_dataloader=DataLoader(Rows(model), collate_fn=default_data_collator))
 
 
 def changed_groups(cb, before: dict) -> set[str]:
@@ -103,7 +119,73 @@ def test_trainer_with_lora_trains_only_the_adapters(tmp_path):
     assert cb.switches == 0
 
 
-def test_trl_sft_trainer_with_lift(tmp_path, tokenizer):
+def snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_names(model, before: dict) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+# One config per method, trained by the Trainer with the callback and by layerwise's engine.
+SAME_AS_ENGINE = {
+    "full": {},
+    "freeze": {"top": 2},
+    "lift": {"k": 1, "switch_every": 2, "schedule": "bottom_up"},
+    "lisa": {"k": 1, "switch_every": 2},
+    "lora": {"r": 4, "dropout": 0.0},
+    "ist": {"r": 4, "dropout": 0.0, "probe_every": 2, "importance_batch_size": 8},
+    "salf": {"samples": 16},
+    "meft": {"r": 4, "dropout": 0.0, "reversible_layers": [1, 2, 3]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(SAME_AS_ENGINE))
+def test_callback_trains_the_parameters_the_engine_trains(tmp_path, method):
+    """Same seed, config and batches (the Trainer's sampler in order): the same plan every step, and the same
+    parameters changed and bitwise unchanged, as `layerwise train`'s engine."""
+    rows = Rows(tiny_bert())
+    args = training_args(tmp_path, train_sampling_strategy="sequential")
+    cb = LayerwiseCallback(tiny_bert(), method, args=args, **SAME_AS_ENGINE[method])
+    before = snapshot(cb.model)
+    Trainer(model=cb.model, args=args, train_dataset=rows, optimizers=(cb.optimizer, None), callbacks=[cb]).train()
+
+    # The engine gets the training data as the callback hands it to the method (SALF's probe, IST's importance batches).
+    context = RunContext(train_loader=train_loader_from(DataLoader(rows, collate_fn=default_data_collator), 4, seed=0))
+    engine_method, engine_model = setup(method_config({"name": method, **SAME_AS_ENGINE[method]}), tiny_bert(), task="classification",
+                                        seed=0, max_steps=STEPS, context=context)
+    engine_before = snapshot(engine_model)
+    batches = iter([default_data_collator([rows[i] for i in range(4 * s, 4 * s + 4)]) for s in range(STEPS)])
+    engine = EngineTrainer(engine_model, engine_method, TrainConfig(lr=1e-2, warmup_steps=0, max_steps=STEPS, weight_decay=0.0, device="cpu"),
+                           batches)
+    plans = [engine.train_step().plan for _ in range(STEPS)]
+
+    assert [plan for _, plan in cb.history] == plans
+    changed = changed_names(cb.model, before)
+    assert changed == changed_names(engine_model, engine_before)
+    assert changed and set(before) == set(engine_before)  # so the parameters left bitwise equal match too
+
+
+def test_trainer_with_salf_lora_probes_the_trainer_data_before_the_first_step(tmp_path):
+    model = tiny_bert()
+    args = training_args(tmp_path)
+    cb = LayerwiseCallback(model, "salf", args=args, samples=16, adapter="lora", r=2, dropout=0.0, target_modules=["query", "value"])
+    assert cb.method.probe is None and cb.plan.blocks == ()  # the cut waits for the data
+    before = snapshot(cb.model)
+    Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb]).train()
+    cut = cb.method.cut
+    assert cb.method.probe["samples"] == 16 and cut == cb.method.probe["recommendation"]["k_star"]
+    assert all(plan.blocks == tuple(range(cut, 4)) for _, plan in cb.history) and cb.switches == 0
+    changed = changed_names(cb.model, before)
+    assert changed and all("lora_" in n or "classifier" in n for n in changed), changed
+    lora_b = {n for n in before if "lora_B" in n}
+    assert {n for n in lora_b if f"layer.{cut}." in n} <= changed  # the lowest trained block's adapters moved
+    assert not {n for n in lora_b for b in range(cut) if f"layer.{b}." in n} & changed  # none below the cut
+
+
+def sft_trainer(tmp_path, tokenizer, method: str, **options):
+    """TRL's SFTTrainer (gradient checkpointing on, its default) for 4 steps of a tiny Llama with ``method``: the callback,
+    the trainer and the weights before."""
     trl = pytest.importorskip("trl")
     import copy
 
@@ -112,17 +194,36 @@ def test_trl_sft_trainer_with_lift(tmp_path, tokenizer):
 
     tok = copy.deepcopy(tokenizer)
     tok.eos_token = tok.sep_token  # the fixture's (BERT) tokenizer has no EOS, which SFTTrainer appends
-    model = tiny_llama()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ds = datasets.Dataset.from_dict({"text": [f"review {i}: a good film with a fine plot" for i in range(24)]})
     args = trl.SFTConfig(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], save_strategy="no",
         logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, max_length=16, dataloader_num_workers=0,
     )
-    cb = LayerwiseCallback(model, "lift", args=args, k=2, switch_every=2, schedule="top_down")
-    trl.SFTTrainer(model=cb.model, args=args, train_dataset=ds, processing_class=tok, optimizers=(cb.optimizer, None), callbacks=[cb]).train()
+    cb = LayerwiseCallback(tiny_llama(), method, args=args, **options)
+    trainer = trl.SFTTrainer(model=cb.model, args=args, train_dataset=ds, processing_class=tok, optimizers=(cb.optimizer, None),
+                             callbacks=[cb])
+    return cb, trainer, snapshot(cb.model)
+
+
+def test_trl_sft_trainer_with_lift(tmp_path, tokenizer):
+    cb, trainer, before = sft_trainer(tmp_path, tokenizer, "lift", k=2, switch_every=2, schedule="top_down")
+    trainer.train()
     assert [p.blocks for _, p in cb.history] == [(2, 3), (2, 3), (0, 1), (0, 1)]
     assert changed_groups(cb, before) == {"block.0", "block.1", "block.2", "block.3", "head"}
+
+
+def test_trl_sft_trainer_with_ist(tmp_path, tokenizer):
+    cb, trainer, before = sft_trainer(tmp_path, tokenizer, "ist", r=2, dropout=0.0, probe_every=2, importance_batch_size=8)
+    embedded = []
+    cb.model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out.requires_grad))
+    trainer.train()
+    assert trainer.args.gradient_checkpointing and embedded and not any(embedded)  # backward stops at the selected layers
+    selected = [plan.blocks for _, plan in cb.history]
+    assert selected == [tuple(s) for s in cb.method.history["selected"]] and len(selected) == 4
+    assert cb.method.probe_rounds == 1 and cb.method.probe_forwards == 3  # the importance loop at step 2, on SFT batches
+    # Only the LoRA weights of the layers selected in some step moved (a causal-LM head is not an adapter).
+    assert changed_groups(cb, before) == {f"block.{b}" for blocks in selected for b in blocks}
+    assert all("lora_" in n for n in changed_names(cb.model, before))
 
 
 def test_trainer_checkpointing_keeps_backward_stopping_at_the_plan(tmp_path):

@@ -31,6 +31,9 @@ class RunContext:
     tokenizer: Any = None
     output: Any = None
     device: Any = None
+    #: ``train_loader`` is set only after :meth:`Method.prepare`, when training begins (inside
+    #: ``transformers.Trainer`` the data reaches the callback then), and :meth:`Method.data_ready` is called.
+    data_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ class Method:
         Methods that need the model, the training batches or the device during training
         (IST's importance loop) keep ``trainer`` here."""
         self.trainer = trainer
+
+    def data_ready(self, model: nn.Module) -> None:
+        """Called before the first step when ``context.train_loader`` came after :meth:`prepare`
+        (``context.data_later``), with the model :meth:`prepare` returned: a method that studies
+        the training data before training (SALF's probe) does it here."""
 
     def before_step(self, step: int) -> None:
         """Called at the start of every optimizer step, before :meth:`plan`; its time is

@@ -112,7 +112,7 @@ class Ist(Method):
     name = "ist"
     Config = IstConfig
     adapter_only = True
-    switching = True
+    switching = trainer_ok = True
     unmodelled = {"method_hook": "importance loop: probe forward passes every probe_every steps"}
 
     def __init__(self, config, anatomy, **kw):
@@ -199,6 +199,12 @@ class Ist(Method):
     def set_probe_batches(self, batches: Iterable[dict]) -> None:
         """Use these batches for the importance loop instead of the run's data (tests, custom loops)."""
         self._probe_iter = iter(batches)
+
+    def data_ready(self, model) -> None:
+        # Refused before training rather than at the first importance loop: the Trainer hands its callbacks no held-out data.
+        if self.config.importance_batch == "heldout" and self.context.eval_loader is None and self._probe_iter is None:
+            raise ConfigError("method.importance_batch=heldout needs a held-out split, which transformers.Trainer does not give "
+                              "its callbacks: use importance_batch=train, or call method.set_probe_batches(...) before training")
 
     # -- selection -----------------------------------------------------------------------
     def select(self, step: int) -> tuple[int, ...]:

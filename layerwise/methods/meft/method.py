@@ -338,7 +338,7 @@ def load_meft(path: str | Path, auto_class=None):
 class Meft(Method):
     name = "meft"
     Config = MeftConfig
-    adapter_only = True
+    adapter_only = trainer_ok = True
     unmodelled = {"backward": "reversible backward: block inputs recomputed from outputs"}
 
     def __init__(self, config, anatomy, **kw):

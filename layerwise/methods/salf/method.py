@@ -4,7 +4,8 @@ cut are frozen (backward stops there), the blocks at and above it train (or, wit
 
 The cut: ``k*`` from the probe (:mod:`layerwise.methods.salf.probe`, docs/salf.md), or with ``budget: B``
 the top ``m_B`` blocks whose estimated backward cost fits in ``B`` of full fine-tuning. The
-probe runs in :meth:`Salf.prepare` on ``samples`` training examples (``probe: null``) or is read
+probe runs in :meth:`Salf.prepare` on ``samples`` training examples (``probe: null``; in
+:meth:`Salf.data_ready` when the data comes later, as inside ``transformers.Trainer``) or is read
 from a ``probe.json`` written by ``layerwise probe``. ``probe.json``/``probe.png`` go to the run
 folder and the cut to ``summary.json``.
 """
@@ -62,7 +63,7 @@ class SalfConfig(AdapterConfig):
 class Salf(Method):
     name = "salf"
     Config = SalfConfig
-    plan_known_ahead = True
+    plan_known_ahead = trainer_ok = True
 
     @classmethod
     def stated_defaults(cls, num_blocks: int, *, with_data: bool, given: dict) -> dict:
@@ -86,22 +87,34 @@ class Salf(Method):
 
     def prepare(self, model):
         has_data = self.context is not None and self.context.train_loader is not None
-        if self.probe is None and not has_data and self.config.budget is None:
+        if self.probe is None and not has_data and not self._data_later and self.config.budget is None:
             raise ConfigError("method salf needs training data to probe: run it through `layerwise train` or set method.probe to a probe.json")
         if self.probe is None and has_data:  # without data a budget gives the cut alone (cost model)
-            # Iterating a DataLoader draws from the global RNG: keep the training's random stream
-            # (dropout, ...) exactly as without the probe, so salf == freeze on the same blocks.
-            with torch.random.fork_rng(devices=[]):
-                probe = run_probe(
-                    model, self.anatomy, sample_batches(self.context.train_loader, self.config.samples), self.task,
-                    budget=self.config.budget, seed=self.seed,
-                )
-            print(format_table(probe))
-            self._set_probe(probe)
+            self._probe_training_data(model)
         if self.config.adapter == "lora":
             model = inject(model, self.config, self.task)
             self.adapter_params = {id(p) for p in model.parameters() if p.requires_grad}
         return model
+
+    def data_ready(self, model) -> None:
+        if self.probe is None:
+            # A LoRA-wrapped model computes the same latents as before (its B matrices start at zero).
+            self._probe_training_data(model)
+
+    @property
+    def _data_later(self) -> bool:
+        return self.context is not None and self.context.data_later
+
+    def _probe_training_data(self, model) -> None:
+        # Iterating a DataLoader draws from the global RNG: keep the training's random stream
+        # (dropout, ...) exactly as without the probe, so salf == freeze on the same blocks.
+        with torch.random.fork_rng(devices=[]):
+            probe = run_probe(
+                model, self.anatomy, sample_batches(self.context.train_loader, self.config.samples), self.task,
+                budget=self.config.budget, seed=self.seed,
+            )
+        print(format_table(probe))
+        self._set_probe(probe)
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -109,6 +122,8 @@ class Salf(Method):
             # Known without data (cost model only): lets cost predictions call plan() before prepare().
             m = budget_blocks(cost_fractions(self.num_blocks, head_units(self.anatomy, self.task)), self.config.budget)
             return tuple(range(self.num_blocks - m, self.num_blocks))
+        if self.cut is None and self._data_later:
+            return ()  # no block until data_ready() has probed the data and set the cut
         if self.cut is None:
             raise RuntimeError("salf: the cut is not known before the probe ran (set method.budget or method.probe to plan without data)")
         return tuple(range(self.cut, self.num_blocks))
