@@ -148,8 +148,10 @@ def write_report(folders: list[str], metrics: list[str], output: str) -> Path:
 
 def default_lrs(screens: list[dict]) -> dict[str, float]:
     """Each method's default lr from its screens (``summarise`` of one bench per model): among the lrs every screen
-    tried for the method, the one with the best rank summed over the screens (rank 1: the best mean of the screen's
-    first metric on that model); ties go to the smaller lr."""
+    tried for the method, the one whose shortfall from each screen's best, relative to that best
+    (``|mean - best| / |best|`` of the screen's first metric), summed over the screens is smallest; ties go to the
+    smaller lr. Relative shortfalls put an accuracy and a loss on one scale, and a tie among noisy near-equal values
+    on one model does not outvote a clear difference on the other (as summed ranks would)."""
     per_screen: dict[str, list[tuple[int, dict[float, float]]]] = defaultdict(list)
     for screen in screens:
         metric = screen["metrics"][0]
@@ -160,10 +162,11 @@ def default_lrs(screens: list[dict]) -> dict[str, float]:
             per_screen[method].append((1 if metric in LOWER_IS_BETTER else -1, by_lr))
     chosen = {}
     for method, screens_of_method in per_screen.items():
-        common = set.intersection(*(set(by_lr) for _, by_lr in screens_of_method))
-        rank_sum = dict.fromkeys(common, 0)
+        common = sorted(set.intersection(*(set(by_lr) for _, by_lr in screens_of_method)))
+        shortfall = dict.fromkeys(common, 0.0)
         for sign, by_lr in screens_of_method:
-            for rank, lr in enumerate(sorted(common, key=lambda lr: sign * by_lr[lr]), start=1):
-                rank_sum[lr] += rank
-        chosen[method] = min(common, key=lambda lr: (rank_sum[lr], lr))
+            best = min((sign * by_lr[lr] for lr in common)) * sign
+            for lr in common:
+                shortfall[lr] += abs(by_lr[lr] - best) / abs(best) if best else abs(by_lr[lr])
+        chosen[method] = min(common, key=lambda lr: (shortfall[lr], lr))
     return chosen

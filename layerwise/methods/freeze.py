@@ -11,7 +11,7 @@ from layerwise.methods.registry import register
 @dataclass
 class FreezeConfig:
     name: str = "freeze"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.003
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     layers: list[int] | None = None
     top: int | None = None

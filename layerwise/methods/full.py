@@ -10,7 +10,7 @@ from layerwise.methods.registry import register
 @dataclass
 class FullConfig:
     name: str = "full"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.0001
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
 
 

@@ -52,7 +52,7 @@ _SELECT, _SUPPRESS, _PROBE_DATA = 0x157, 0x5FF, 0xDA7A
 @dataclass
 class IstConfig(AdapterConfig):
     name: str = "ist"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.01
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     adapter: Literal["lora", "dora", "ia3"] = "lora"
     """The per-layer PEFT module, injected with ``peft``."""

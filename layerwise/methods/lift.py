@@ -19,7 +19,7 @@ Policy = Literal["always", "never", "phase"]
 @dataclass
 class LiftConfig:
     name: str = "lift"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.001
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     k: int = 1
     """Blocks trained together in one phase."""

@@ -15,7 +15,7 @@ from layerwise.methods.registry import register
 @dataclass
 class LisaConfig:
     name: str = "lisa"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.0003
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     k: int = 2
     switch_every: int = 20

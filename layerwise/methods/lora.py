@@ -12,7 +12,7 @@ from layerwise.methods.registry import register
 @dataclass
 class LoraConfig(AdapterConfig):
     name: str = "lora"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.003
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
 
 

@@ -50,7 +50,7 @@ COUPLINGS = {1: (0.1, 1.0, True), 2: (1.0, 0.1, True), 3: (0.1, 0.1, False)}
 @dataclass
 class MeftConfig:
     name: str = "meft"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.003
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     variant: int = 1
     """1, 2 or 3: the paper's MEFT1/2/3 couplings."""

@@ -38,7 +38,7 @@ from layerwise.methods.salf.probe import (
 @dataclass
 class SalfConfig(AdapterConfig):
     name: str = "salf"
-    default_lr: ClassVar[float] = 3e-4
+    default_lr: ClassVar[float] = 0.0001
     """train.lr when the config leaves it unset (chosen by the screen in docs/quality.md)."""
     probe: str | None = None
     """Path of a probe.json (from ``layerwise probe``); None: probe at the start of the run."""
