@@ -330,16 +330,16 @@ class Trainer:
 
 
 def keep_inputs_grad_free(model: nn.Module) -> None:
-    """Undo what enabling checkpointing does to the embeddings' output in transformers 5 (and peft): a
-    hook that makes it require grad, so that reentrant checkpointing sees a gradient. Non-reentrant
-    checkpointing (the engine's) does not need it, and with it every frozen block below the lowest
-    trainable one records a graph, saves activations and is crossed by backward: the early stop of
-    LIFT, SALF and IST would be lost."""
+    """Undo what enabling checkpointing does to the embeddings' output in transformers 5 (and peft, and TRL): hooks
+    (``enable_input_require_grads``) that make it require grad, so that reentrant checkpointing sees a gradient.
+    Non-reentrant checkpointing (the engine's) does not need them, and with them every frozen block below the lowest
+    trainable one records a graph, saves activations and is crossed by backward: the early stop of LIFT, SALF and IST
+    would be lost. Each caller may add one and only the last stays reachable as an attribute (through a PEFT
+    wrapper not even that), so every such hook is found by its function's name."""
     for module in model.modules():
-        handle = getattr(module, "_require_grads_hook", None)
-        if handle is not None:
-            handle.remove()
-            del module._require_grads_hook
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__qualname__", "").endswith("enable_input_require_grads.<locals>.make_inputs_require_grads"):
+                del module._forward_hooks[key]
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from transformers import TrainerCallback
 
 from layerwise.anatomy import UnsupportedModelError
 from layerwise.engine.optim import ActiveOptimizer, fused_supported
+from layerwise.engine.trainer import keep_inputs_grad_free
 from layerwise.errors import ConfigError, ModelError
 from layerwise.methods import METHODS, Plan, RunContext, method_config, names_where, setup
 from layerwise.methods.base import seeded_generator
@@ -79,17 +80,6 @@ def train_loader_from(train_dataloader, batch_size: int, seed: int) -> Callable[
         return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
 
     return loader
-
-
-def _drop_input_grad_hooks(model: nn.Module) -> None:
-    """Remove every hook ``enable_input_require_grads`` put on ``model``'s input embeddings. transformers adds one
-    when the Trainer enables checkpointing and TRL another for a PEFT model (only the last stays reachable as an
-    attribute); they make the embeddings' output require grad, so frozen blocks below the plan would record a
-    graph and backward would run through them. Non-reentrant checkpointing does not need them."""
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__qualname__", "").endswith("enable_input_require_grads.<locals>.make_inputs_require_grads"):
-                del module._forward_hooks[key]
 
 
 class LayerwiseCallback(TrainerCallback):
@@ -175,7 +165,7 @@ class LayerwiseCallback(TrainerCallback):
         gc_kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None) or {}
         if on and not gc_kwargs.get("use_reentrant", False):
             # The Trainer enabled (non-reentrant) checkpointing before this call.
-            _drop_input_grad_hooks(kwargs.get("model") or self.model)
+            keep_inputs_grad_free(kwargs.get("model") or self.model)
         if state.global_step:
             raise ConfigError(
                 "resume_from_checkpoint restores torch's optimizer state by position, which cannot describe a switched "
