@@ -39,10 +39,19 @@ def mappings(paths: set[str]) -> list[tuple[int, int]]:
     return found
 
 
-def release(*datasets) -> None:
-    """Unmap the pages of the datasets' Arrow cache files that this process has read (``datasets.Dataset`` or alike)."""
-    paths = {os.path.realpath(f["filename"]) for ds in datasets for f in ds.cache_files}
+def cache_files(*datasets) -> set[str]:
+    """The real paths of the datasets' Arrow cache files (``datasets.Dataset`` or alike)."""
+    return {os.path.realpath(f["filename"]) for ds in datasets for f in ds.cache_files}
+
+
+def release_files(paths: set[str]) -> None:
+    """Unmap the pages of the files ``paths`` that this process has read."""
     if _MADVISE is None or not paths:
         return
     for start, end in mappings(paths):
         _MADVISE(start, end - start, MADV_DONTNEED)
+
+
+def release(*datasets) -> None:
+    """Unmap the pages of the datasets' Arrow cache files that this process has read."""
+    release_files(cache_files(*datasets))

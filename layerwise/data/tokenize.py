@@ -8,7 +8,7 @@ import re
 from dataclasses import replace
 from typing import Callable, Iterator
 
-from layerwise.data.mapped_pages import release
+from layerwise.data.mapped_pages import cache_files, release_files
 from layerwise.data.settings import DataConfig
 from layerwise.data.splits import Splits
 from layerwise.errors import ConfigError, DataError
@@ -196,10 +196,11 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig, task: str) -> Sp
     if layout is not None:
         encode = encoder(splits.columns, tokenizer, cfg, task, keep_empty=True)
         source = str(cfg.source)
+        files = cache_files(splits.train, splits.eval)
 
         def read(batch) -> dict:
             encoded = encode(layout.convert(batch.__getitem__, source))
-            release(splits.train, splits.eval)  # the rows are copied out: their pages need not stay resident
+            release_files(files)  # the rows are copied out: their pages need not stay resident
             return encoded
 
         train, eval_ = splits.train.with_transform(read), splits.eval.with_transform(read)
