@@ -81,6 +81,20 @@ def batch_for(model, batch: int = 4, length: int = 16, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
 
 
+class Rows(torch.utils.data.Dataset):
+    """``n`` fixed-length rows of :func:`batch_for` as a dataset (no tokenizer, no collator beyond the default)."""
+
+    def __init__(self, model, n: int = 24):
+        b = batch_for(model, batch=n, length=12, seed=1)
+        self.rows = [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
 def repeat(batch: dict):
     while True:
         yield {k: v.clone() for k, v in batch.items()}

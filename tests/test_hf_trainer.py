@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import batch_for, tiny_bert
+from conftest import Rows, tiny_bert
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments, default_data_collator
 
@@ -19,26 +19,12 @@ from layerwise.methods import RunContext, method_config, setup
 STEPS = 6
 
 
-class Rows(torch.utils.data.Dataset):
-    """A few fixed-length rows (no tokenizer, no collator beyond the default)."""
-
-    def __init__(self, model, n: int = 24):
-        b = batch_for(model, batch=n, length=12, seed=1)
-        self.rows = [{k: v[i] for k, v in b.items()} for i in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def training_args(tmp_path, **kw) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, **kw,
-    )
+    return TrainingArguments(**{
+        "output_dir": str(tmp_path), "max_steps": STEPS, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+        "report_to": [], "save_strategy": "no", "logging_strategy": "no", "use_cpu": True, "disable_tqdm": True,
+        "dataloader_num_workers": 0, "seed": 0, **kw,
+    })
 
 
 def test_trainer_with_lift_changes_only_the_scheduled_blocks(tmp_path):
@@ -88,10 +74,10 @@ def test_trainer_refusals(tmp_path):
     with pytest.raises(ConfigError, match="importance_batch=heldout needs a held-out split"):
         trainer.train()
     assert cb.history == []
-    # SALF's probe picks the blocks at on_train_begin, after a multi-process Trainer has built DistributedDataParallel.
-    cb = LayerwiseCallback(tiny_bert(), "salf", args=args, samples=16)
+    # Several processes, but the callback was not told (no args=): the Trainer's DDP wrapper would fix SALF's set.
+    cb = LayerwiseCallback(tiny_bert(), "salf", samples=16)
     several = SimpleNamespace(world_size=2, per_device_train_batch_size=4)
-    with pytest.raises(ConfigError, match="'salf' chose its trainable set from the training data"):
+    with pytest.raises(ConfigError, match="build the callback with the Trainer's arguments"):
         cb.on_train_begin(several, TrainerState(), TrainerControl(), optimizer=cb.optimizer,
                           train_dataloader=DataLoader(Rows(model), collate_fn=default_data_collator))
 
@@ -238,3 +224,99 @@ def test_trainer_checkpointing_keeps_backward_stopping_at_the_plan(tmp_path):
     trainer.train()
     assert [p.blocks for _, p in cb.history] == [(3,), (3,), (2,), (2,), (1,), (1,)]
     assert len(seen) == STEPS and not any(seen), seen
+
+
+RESUMED = {
+    "lift": {"k": 1, "switch_every": 2, "schedule": "bottom_up"},
+    "ist": {"r": 4, "dropout": 0.0, "probe_every": 2, "importance_batch_size": 8},
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
+def test_resume_from_checkpoint_continues_like_the_uninterrupted_run(tmp_path, method):
+    """Stopped after step 3 (mid-phase: the active set has one step of AdamW state) and resumed by the Trainer from
+    checkpoint-3: the same plans for steps 3-5 and bitwise the same weights, optimizer state and IST scores."""
+
+    def run(folder, resume=None):
+        model = tiny_bert()
+        args = training_args(folder, save_strategy="steps", save_steps=3)
+        cb = LayerwiseCallback(model, method, args=args, **RESUMED[method])
+        Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None),
+                callbacks=[cb]).train(resume_from_checkpoint=resume)
+        return cb
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert [(s, p) for s, p in resumed.history] == whole.history[3:]
+    assert resumed.switches == whole.switches
+    mine, theirs = dict(resumed.model.named_parameters()), dict(whole.model.named_parameters())
+    assert all(torch.equal(mine[n], theirs[n]) for n in theirs), [n for n in theirs if not torch.equal(mine[n], theirs[n])][:3]
+    names = {id(p): n for n, p in whole.model.named_parameters()}
+    names_r = {id(p): n for n, p in resumed.model.named_parameters()}
+    state = {names[id(p)]: s for p, s in whole.optimizer.state.items()}
+    state_r = {names_r[id(p)]: s for p, s in resumed.optimizer.state.items()}
+    assert state.keys() == state_r.keys() and state
+    assert all(torch.equal(state[n][k], state_r[n][k]) for n in state for k in state[n])
+    if method == "ist":
+        assert torch.equal(resumed.method.scores, whole.method.scores) and resumed.method.probe_rounds == whole.method.probe_rounds
+
+
+def test_resume_from_a_checkpoint_without_the_callbacks_state_is_refused(tmp_path):
+    model = tiny_bert()
+    args = training_args(tmp_path / "plain", save_strategy="steps", save_steps=3, max_steps=3)
+    Trainer(model=model, args=args, train_dataset=Rows(model)).train()
+    cb = LayerwiseCallback(tiny_bert(), "lift", args=training_args(tmp_path / "lift"), k=1)
+    trainer = Trainer(model=cb.model, args=training_args(tmp_path / "lift"), train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb])
+    with pytest.raises(ConfigError, match="optimizer.pt holds no LayerwiseCallback state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-3"))
+    # A checkpoint of the callback's run without its optimizer.pt (save_only_model=True): nothing to continue the plan from.
+    cb = LayerwiseCallback(tiny_bert(), "lift", args=training_args(tmp_path / "lift"), k=1)
+    args = training_args(tmp_path / "model-only", save_strategy="steps", save_steps=3, max_steps=3, save_only_model=True)
+    Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb]).train()
+    cb = LayerwiseCallback(tiny_bert(), "lift", args=training_args(tmp_path / "lift"), k=1)
+    trainer = Trainer(model=cb.model, args=training_args(tmp_path / "lift"), train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb])
+    with pytest.raises(ConfigError, match="the checkpoint has no optimizer.pt written through LayerwiseCallback"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "model-only" / "checkpoint-3"))
+
+
+class _Held:
+    """A saved tensor, held by reference so that one still kept for backward can be told from one already freed."""
+
+    __slots__ = ("t", "__weakref__")
+
+
+def test_trainer_checkpointing_keeps_no_bytes_below_the_plan(tmp_path):
+    """Bytes autograd keeps for backward at the end of the forward, per block, with the Trainer's gradient checkpointing
+    (which keeps each checkpointed block's input): LIFT's top block keeps its input, the frozen blocks below keep
+    nothing. With the input-grad hook back (the usual work-around), every frozen block keeps its input as well."""
+    import weakref
+
+    from transformers import TrainerCallback
+
+    class InputGradHook(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.enable_input_require_grads()
+
+    def kept_per_block(*extra) -> list[int]:
+        model = tiny_bert()
+        args = training_args(tmp_path, gradient_checkpointing=True, max_steps=1)
+        cb = LayerwiseCallback(model, "lift", args=args, k=1, switch_every=1, schedule="top_down")
+        alive = [weakref.WeakSet() for _ in cb.method.anatomy.blocks]
+        kept = []
+        for b, block in enumerate(cb.method.anatomy.blocks):
+            def pack(t, b=b):
+                held = _Held()
+                held.t = t
+                alive[b].add(held)
+                return held
+
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t)
+            block.register_forward_pre_hook(lambda m, a, hooks=hooks: hooks.__enter__())
+            block.register_forward_hook(lambda m, a, out, hooks=hooks: hooks.__exit__(None, None, None))
+        model.register_forward_hook(lambda m, a, out: kept.append([sum(h.t.nbytes for h in s) for s in alive]))
+        Trainer(model=cb.model, args=args, train_dataset=Rows(model), optimizers=(cb.optimizer, None), callbacks=[cb, *extra]).train()
+        return kept[0]
+
+    hidden = 4 * 12 * 32 * 4  # one block input: batch x length x width, float32
+    assert kept_per_block() == [0, 0, 0, hidden]
+    assert kept_per_block(InputGradHook()) == [hidden] * 4

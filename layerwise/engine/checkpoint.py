@@ -144,8 +144,10 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         np.random.set_state((n["kind"], tensors["numpy_keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
 
 
-def _optimizer_state(trainer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    opt = trainer.optimizer
+def named_optimizer_state(opt, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An :class:`~layerwise.engine.optim.ActiveOptimizer`'s state keyed by parameter NAME (``names``: id -> name):
+    flat tensors (``state/<name>/<key>``, ``stash/<name>/<key>``) and JSON meta (policy, active set in order, param-group
+    hyper-parameters, non-tensor values). Read back by :func:`load_named_optimizer_state`."""
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {"state": {}, "stash": {}}
 
@@ -172,6 +174,37 @@ def _optimizer_state(trainer, names: dict[int, str]) -> tuple[dict[str, torch.Te
         "non_tensor": plain,
     }
     return tensors, meta
+
+
+def load_named_optimizer_state(opt, tensors: dict[str, torch.Tensor], meta: dict, param: Callable[[str], torch.nn.Parameter]) -> None:
+    """Make ``opt`` what :func:`named_optimizer_state` described: its active set, state, stash and group
+    hyper-parameters (``param``: name -> the model's parameter)."""
+    if meta["policy"] != opt.state_policy:
+        raise CheckpointError(f"the checkpoint used optimizer_state={meta['policy']}, this run {opt.state_policy}")
+    opt.set_active([param(n) for n in meta["active"]])
+    opt.optimizer.state.clear()
+    opt._stash.clear()
+    per_param: dict[tuple[str, str], dict] = {}
+    for key, value in tensors.items():
+        kind, rest = key.split("/", 1)
+        name, sk = rest.rsplit("/", 1)
+        per_param.setdefault((kind, name), {})[sk] = value
+    for kind in ("state", "stash"):
+        for name, values in meta["non_tensor"].get(kind, {}).items():
+            per_param.setdefault((kind, name), {}).update(values)
+    for (kind, name), values in per_param.items():
+        p = param(name)
+        if kind == "state":
+            # Moments live with the parameter; AdamW keeps `step` on the CPU unless fused (then with the parameter).
+            entry = {k: (_like(p, v.to(p.device)) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
+            if opt.fused and torch.is_tensor(entry.get("step")):
+                entry["step"] = entry["step"].to(p.device)
+            opt.optimizer.state[p] = entry
+        else:
+            opt._stash[p] = {k: (_like(p, v) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
+    for group, saved in zip(opt.param_groups, meta["param_groups"]):
+        for k, v in saved.items():
+            group[k] = tuple(v) if k == "betas" else v
 
 
 def _jsonable(value):
@@ -221,7 +254,7 @@ def save_checkpoint(
     weights.update({f"buffer/{name}": b for name, b in model.named_buffers()})
     _save_tensors(tmp / "model.safetensors", weights)
 
-    opt_tensors, opt_meta = _optimizer_state(trainer, names)
+    opt_tensors, opt_meta = named_optimizer_state(trainer.optimizer, names)
     _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     _write_json(tmp / "optimizer.json", opt_meta)
 
@@ -373,33 +406,10 @@ def load_checkpoint(path: str | Path, trainer, *, stream=None) -> dict:
         frozen.apply(plan.blocks)
         trainer.meter.refresh(model)
         trainer.weight_bytes = trainer._weights_now()
-    opt = trainer.optimizer
-    if opt_meta["policy"] != opt.state_policy:
-        raise CheckpointError(f"checkpoint {path.name} used optimizer_state={opt_meta['policy']}, this run {opt.state_policy}")
-    opt.set_active([param(n) for n in opt_meta["active"]])
-    opt.optimizer.state.clear()
-    opt._stash.clear()
-    per_param: dict[tuple[str, str], dict] = {}
-    for key, value in load_file(str(path / "optimizer.safetensors")).items():
-        kind, rest = key.split("/", 1)
-        name, sk = rest.rsplit("/", 1)
-        per_param.setdefault((kind, name), {})[sk] = value
-    for kind in ("state", "stash"):
-        for name, values in opt_meta["non_tensor"].get(kind, {}).items():
-            per_param.setdefault((kind, name), {}).update(values)
-    for (kind, name), values in per_param.items():
-        p = param(name)
-        if kind == "state":
-            # Moments live with the parameter; AdamW keeps `step` on the CPU unless fused (then with the parameter).
-            entry = {k: (_like(p, v.to(p.device)) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
-            if opt.fused and torch.is_tensor(entry.get("step")):
-                entry["step"] = entry["step"].to(p.device)
-            opt.optimizer.state[p] = entry
-        else:
-            opt._stash[p] = {k: (_like(p, v) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
-    for group, saved in zip(opt.param_groups, opt_meta["param_groups"]):
-        for k, v in saved.items():
-            group[k] = tuple(v) if k == "betas" else v
+    try:
+        load_named_optimizer_state(trainer.optimizer, load_file(str(path / "optimizer.safetensors")), opt_meta, param)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
     sched = dict(state["scheduler"])
     if sched.get("lr_lambdas") is None:
         sched["lr_lambdas"] = [None] * len(getattr(trainer.scheduler, "lr_lambdas", []))

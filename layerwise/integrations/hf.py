@@ -29,32 +29,50 @@ One object, :class:`LayerwiseCallback`, carries everything:
     trainer.train()
 
 Every built-in method runs (``full``, ``freeze``, ``lift``, ``lisa``, ``lora``, ``ist``, ``salf``,
-``meft``); one that does not declare ``trainer_ok`` is refused. A switching method (``lift``,
-``lisa``, ``ist``) under several processes is refused, because the Trainer's
-DistributedDataParallel wrapper fixes the set of trainable parameters when it is built, and so
-is a method whose set the training data decides (``salf`` without a ``probe`` file), since the
-wrapper is built before ``on_train_begin``; use ``torchrun -m layerwise train`` there
-(docs/scale-out.md). ``ist`` with ``importance_batch="heldout"`` is refused: callbacks get no
-held-out data. The Trainer's ``resume_from_checkpoint`` restores torch's optimizer state by
-position, which cannot describe a switched set: for exact resume use ``layerwise train
---resume`` (docs/checkpoints.md).
+``meft``); one that does not declare ``trainer_ok`` is refused. ``ist`` with
+``importance_batch="heldout"`` is refused: callbacks get no held-out data.
+
+Several processes (``torchrun``, ``accelerate launch``): a method whose trainable set changes
+(``lift``, ``lisa``, ``ist``) or is chosen from the training data (``salf``'s probe) cannot live in
+the Trainer's DistributedDataParallel wrapper, whose reducer fixes the set when it is built. So
+the callback keeps the model out of it (it marks the model as prepared, so accelerate leaves it
+unwrapped, and autocasts its forward itself under ``bf16``/``fp16``), starts every rank
+from rank 0's weights, and when backward of a step's last micro-batch ends averages the active
+gradients over the ranks itself (:class:`~layerwise.engine.distributed.ActiveGradSync`, as
+``torchrun -m layerwise train`` does), before the Trainer clips them. Methods with a fixed set
+keep the Trainer's own wrapper.
+
+``resume_from_checkpoint``: the Trainer saves and loads torch's optimizer state by position in
+the param groups, which cannot describe a switched set. The callback adds to it (``optimizer.pt``,
+key ``"layerwise"``) the method's state (schedule position, IST's scores and probe-data position,
+SALF's probe), the current plan and the AdamW state keyed by parameter name (active, retained or
+stashed), and restores them when the Trainer loads it, so a resumed run continues the same plan
+sequence.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
+from types import MethodType
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from accelerate.state import GradientState
+from accelerate.utils import convert_outputs_to_fp32
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from transformers import TrainerCallback
 
 from layerwise.anatomy import UnsupportedModelError
+from layerwise.engine.checkpoint import load_named_optimizer_state, named_optimizer_state
+from layerwise.engine.distributed import ActiveGradSync
 from layerwise.engine.optim import ActiveOptimizer, fused_supported
 from layerwise.engine.trainer import keep_inputs_grad_free
 from layerwise.errors import ConfigError, ModelError
 from layerwise.methods import METHODS, Plan, RunContext, method_config, names_where, setup
-from layerwise.methods.base import seeded_generator
+from layerwise.methods.base import Method, seeded_generator
 from layerwise.models import default_task_for
 
 
@@ -94,8 +112,9 @@ class LayerwiseCallback(TrainerCallback):
 
     Attributes: ``model`` (the model to train: ``model`` itself, or the PEFT model for the
     adapter methods), ``method``, ``optimizer`` (torch AdamW to hand to the Trainer), ``active``
-    (the :class:`ActiveOptimizer` around it), ``plan`` (the current plan), ``switches``, and
-    ``history``: ``(step, plan)`` for every optimizer step begun.
+    (the :class:`ActiveOptimizer` around it), ``plan`` (the current plan), ``switches``,
+    ``history``: ``(step, plan)`` for every optimizer step begun, and ``sync``: the
+    :class:`ActiveGradSync` averaging the active gradients under several processes (``None`` otherwise).
     """
 
     def __init__(
@@ -147,6 +166,24 @@ class LayerwiseCallback(TrainerCallback):
         self.optimizer: torch.optim.Optimizer = self.active.optimizer
         self.switches = 0
         self.history: list[tuple[int, Plan]] = []
+        self.sync: ActiveGradSync | None = None
+        self._sync_queued = False
+        self._ranks_joined = False
+        self._watched: set[int] = set()
+        world = args.world_size if args is not None else 1
+        if world > 1 and self._set_may_change:
+            self.sync = ActiveGradSync(world)
+            self._keep_out_of_ddp(args)
+        self._resumed: dict | None = None
+        self.optimizer.register_state_dict_pre_hook(self._hide_state)
+        self.optimizer.register_state_dict_post_hook(self._add_layerwise_state)
+        self.optimizer.register_load_state_dict_pre_hook(self._take_layerwise_state)
+        self.optimizer.register_load_state_dict_post_hook(self._restore_layerwise_state)
+
+    @property
+    def _set_may_change(self) -> bool:
+        """The trainable set changes during training, or the training data chooses it (SALF's probe)."""
+        return self.method.switching or type(self.method).data_ready is not Method.data_ready
 
     # -- Trainer events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
@@ -156,33 +193,31 @@ class LayerwiseCallback(TrainerCallback):
                 "the Trainer built its own optimizer, which would not follow the layerwise plan: "
                 "pass optimizers=(callback.optimizer, None) to the Trainer"
             )
-        if args.world_size > 1 and self.method.switching:
+        if args.world_size > 1 and self._set_may_change and self.sync is None:
             raise ConfigError(
-                f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper "
-                "cannot follow: run it data parallel with `torchrun -m layerwise train` (docs/scale-out.md)"
+                f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper cannot "
+                f"follow: build the callback with the Trainer's arguments, LayerwiseCallback(model, '{self.method.name}', "
+                "args=training_args, ...), and it keeps the model out of that wrapper and averages the active gradients itself"
             )
+        if self.sync is not None and not self._ranks_joined:
+            self._join_ranks()
         on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
         gc_kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None) or {}
         if on and not gc_kwargs.get("use_reentrant", False):
             # The Trainer enabled (non-reentrant) checkpointing before this call.
             keep_inputs_grad_free(kwargs.get("model") or self.model)
-        if state.global_step:
+        if state.global_step and (self._resumed is None or self._resumed["step"] != state.global_step):
             raise ConfigError(
-                "resume_from_checkpoint restores torch's optimizer state by position, which cannot describe a switched "
-                "trainable set: resume layerwise runs with `layerwise train --resume` (docs/checkpoints.md)"
+                "resume_from_checkpoint: the checkpoint has no optimizer.pt written through LayerwiseCallback (saved with "
+                "save_only_model=True?), so the plan's position and the optimizer state by parameter cannot be restored: "
+                "resume from a full checkpoint of a run that used the callback"
             )
         context = self.method.context
         if context.train_loader is None:  # a second train() keeps what the first one gave
             context.train_loader = train_loader_from(train_dataloader, args.per_device_train_batch_size, self.method.seed)
             self.method.data_ready(self.model)
             plan = self.method.plan(0)
-            if plan != self.plan:
-                if args.world_size > 1:
-                    raise ConfigError(
-                        f"'{self.method.name}' chose its trainable set from the training data after the Trainer's "
-                        "DistributedDataParallel wrapper fixed the set: choose it before training (salf: method probe=probe.json "
-                        "from `layerwise probe`) or run data parallel with `torchrun -m layerwise train` (docs/scale-out.md)"
-                    )
+            if plan != self.plan and not state.global_step:  # a resumed run's set is the checkpoint's
                 self.active.set_active(self.method.parameters(plan))
                 self.plan = plan
 
@@ -194,4 +229,101 @@ class LayerwiseCallback(TrainerCallback):
             self.active.set_active(self.method.parameters(plan))
             self.plan = plan
             self.switches += 1
+        if self.sync is not None:
+            self._watch_active()
         self.history.append((step, plan))
+
+    # -- several processes --------------------------------------------------------------------
+    def _keep_out_of_ddp(self, args) -> None:
+        """Mark the model as prepared, so the Trainer's accelerate leaves it unwrapped; do here the one thing its
+        preparation would still do for a model the Trainer already placed: autocast the forward for bf16/fp16."""
+        if getattr(args, "torch_compile", False):
+            raise ConfigError(
+                f"'{self.method.name}' under several processes runs outside accelerate's model preparation, which is where "
+                "torch_compile applies: set torch_compile=False"
+            )
+        model = self.model
+        if args.bf16 or args.fp16:
+            autocast = torch.autocast(args.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16)
+            model._original_forward = model.forward
+            model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
+        model._is_accelerate_prepared = True
+
+    def _join_ranks(self) -> None:
+        """Every rank starts from rank 0's weights (as DistributedDataParallel's constructor makes it), the active set
+        requires grad again, and every parameter reports when backward has completed its gradient."""
+        with torch.no_grad():
+            for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+                dist.broadcast(t, src=0)
+        for p in self.active.active:
+            p.requires_grad_(True)
+        self._ranks_joined = True
+
+    def _watch_active(self) -> None:
+        """Hook every active parameter (once; a hook needs requires_grad when it is registered)."""
+        for p in self.active.active:
+            if id(p) not in self._watched:
+                p.register_post_accumulate_grad_hook(self._gradient_ready)
+                self._watched.add(id(p))
+
+    def _gradient_ready(self, param: nn.Parameter) -> None:
+        # On the last micro-batch of a step (accelerate's flag, which the Trainer sets before each one), the first
+        # completed gradient queues one averaging of the active set for when this backward has finished.
+        if not self._sync_queued and GradientState().sync_gradients:
+            self._sync_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average_active_gradients)
+
+    def _average_active_gradients(self) -> None:
+        self._sync_queued = False
+        self.sync(self.active.active, 0.0)
+
+    # -- resume_from_checkpoint: the Trainer's optimizer.pt carries the method's state ---------------------------------
+    def _hide_state(self, optimizer) -> None:
+        # By position torch cannot describe a switched set (nor retained or stashed state): kept by name instead.
+        self._held_state, optimizer.state = optimizer.state, defaultdict(dict)
+
+    def _add_layerwise_state(self, optimizer, state_dict: dict) -> dict:
+        optimizer.state = self._held_state
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        tensors, meta = named_optimizer_state(self.active, names)
+        state_dict["layerwise"] = {
+            "method": self.method.name,
+            "step": self.history[-1][0] + 1 if self.history else 0,  # optimizer steps done
+            "method_state": self.method.state_dict(),
+            "plan": {"blocks": list(self.plan.blocks), "embeddings": self.plan.embeddings, "head": self.plan.head},
+            "switches": self.switches,
+            "optimizer": tensors,
+            "optimizer_meta": meta,
+        }
+        return state_dict
+
+    def _take_layerwise_state(self, optimizer, state_dict: dict) -> dict:
+        saved = state_dict.get("layerwise")
+        if saved is None or saved["method"] != self.method.name:
+            what = "no LayerwiseCallback state" if saved is None else f"the state of method '{saved['method']}'"
+            raise ConfigError(
+                f"resume_from_checkpoint: the checkpoint's optimizer.pt holds {what}, so this '{self.method.name}' run cannot "
+                "continue its plan: resume from a checkpoint of a run of the same method with the callback"
+            )
+        self._resumed = saved  # also when accelerate round-trips the state to place it on the device
+        # torch loads by position into the groups as they are now; the state itself is restored by name afterwards.
+        groups, first = [], 0
+        for mine, theirs in zip(optimizer.param_groups, state_dict["param_groups"]):
+            groups.append({**{k: v for k, v in theirs.items() if k != "params"}, "params": list(range(first, first + len(mine["params"])))})
+            first += len(mine["params"])
+        return {"state": {}, "param_groups": groups}
+
+    def _restore_layerwise_state(self, optimizer) -> None:
+        saved = self._resumed
+        params = dict(self.model.named_parameters())
+
+        def param(name: str) -> nn.Parameter:
+            if name not in params:
+                raise ConfigError(f"resume_from_checkpoint: the checkpoint has optimizer state for '{name}', which this model does not have")
+            return params[name]
+
+        load_named_optimizer_state(self.active, saved["optimizer"], saved["optimizer_meta"], param)
+        self.method.load_state_dict(saved["method_state"])
+        plan = saved["plan"]
+        self.plan = Plan(tuple(plan["blocks"]), embeddings=plan["embeddings"], head=plan["head"])
+        self.switches = saved["switches"]

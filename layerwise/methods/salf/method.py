@@ -140,3 +140,11 @@ class Salf(Method):
             if output is not None:
                 out["salf"]["probe"] = write_outputs(self.probe, output)
         return out
+
+    # -- resume: the probe (and so the cut) comes back without probing again ------------------
+    def state_dict(self) -> dict:
+        return {"probe": self.probe}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("probe") is not None:
+            self._set_probe(state["probe"])
