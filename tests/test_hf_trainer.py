@@ -320,3 +320,19 @@ def test_trainer_checkpointing_keeps_no_bytes_below_the_plan(tmp_path):
     hidden = 4 * 12 * 32 * 4  # one block input: batch x length x width, float32
     assert kept_per_block() == [0, 0, 0, hidden]
     assert kept_per_block(InputGradHook()) == [hidden] * 4
+
+
+@pytest.mark.parametrize("method", sorted(SAME_AS_ENGINE))
+def test_sft_trainer_trains_exactly_the_planned_parameters(tmp_path, tokenizer, method):
+    """Every method under TRL's SFTTrainer (tiny Llama, gradient checkpointing on, 4 steps): the parameters that moved
+    are those its plans made trainable, every weight matrix among them moved (LoRA: every B), and everything else is bitwise unchanged."""
+    cb, trainer, before = sft_trainer(tmp_path, tokenizer, method, **SAME_AS_ENGINE[method])
+    trainer.train()
+    assert len(cb.history) == 4
+    names = {id(p): n for n, p in cb.model.named_parameters()}
+    planned = {names[id(p)] for _, plan in cb.history for p in cb.method.parameters(plan)}
+    changed = changed_names(cb.model, before)
+    assert changed <= planned, sorted(changed - planned)[:3]
+    # (A LoRA A matrix gets a zero gradient until its B has left zero: one IST selects only once may not move.)
+    must_move = {n for n in planned if before[n].ndim >= 2 and "lora_A" not in n}
+    assert must_move and must_move <= changed, sorted(must_move - changed)[:3]
