@@ -1,10 +1,10 @@
 """Trainer and TRL SFTTrainer runs with LayerwiseCallback, one process or one rank under ``torchrun``
-(tests/test_hf_distributed.py). For each ``trainer:method`` spec it trains a tiny model (no dropout: masks drawn
+(tests/test_hf_distributed.py). For each ``trainer:method[:flag]`` spec it trains a tiny model (no dropout: masks drawn
 over two shards cannot equal those over the whole batch) for STEPS steps on rows in dataset order and writes, per rank,
-``OUT/<trainer>-<method>[-bf16]/rank<R>.json`` (the weights' digest, the logged losses, the plan of every step, the gradient
+``OUT/<spec with - for :>/rank<R>.json`` (the weights' digest, the logged losses, the plan of every step, the gradient
 bytes communicated) and, on rank 0, ``weights.safetensors``.
 
-    torchrun --standalone --nproc-per-node 2 tests/hf_worker.py OUT 4 trainer:lift sft:ist trainer:lisa:bf16 ...
+    torchrun --standalone --nproc-per-node 2 tests/hf_worker.py OUT 4 trainer:lift sft:ist trainer:lisa:bf16 trainer:ist:accum2 ...
 """
 
 from __future__ import annotations
@@ -42,20 +42,24 @@ def chats(n: int = 64):
     ]})
 
 
-def run(trainer_kind: str, method: str, per_device_batch: int, out: Path, bf16: bool = False) -> LayerwiseCallback:
-    """Train with the callback; returns it after writing this rank's results under ``out``."""
+def run(trainer_kind: str, method: str, per_device_batch: int, out: Path, bf16: bool = False, accumulate: int = 1) -> LayerwiseCallback:
+    """Train with the callback (``accumulate`` micro-batches of ``per_device_batch // accumulate`` rows per step); returns
+    it after writing this rank's results under ``out``."""
     from transformers import Trainer, TrainingArguments
 
+    rank = int(os.environ.get("RANK", "0"))
     common = dict(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=per_device_batch, learning_rate=1e-2,
+        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=per_device_batch // accumulate,
+        gradient_accumulation_steps=accumulate, learning_rate=1e-2,
         report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=1, use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0, train_sampling_strategy="sequential", bf16=bf16,
     )
     if trainer_kind == "trainer":
         model = tiny_bert()
-        # With it (the default) the Trainer multiplies the loss by the number of processes for a model whose forward
-        # takes **kwargs, expecting it to divide by the global token count; BERT's classification loss does not.
-        args = TrainingArguments(average_tokens_across_devices=False, **common)
+        # The Trainer would take BERT's **kwargs for a loss that divides by num_items_in_batch, which its classification
+        # loss ignores, and skip its own scaling (by accumulation steps, for the number of processes).
+        model.accepts_loss_kwargs = False
+        args = TrainingArguments(**common)
         cb = LayerwiseCallback(model, method, args=args, **OPTIONS[method])
         trainer = Trainer(model=cb.model, args=args, train_dataset=Rows(model, 64), optimizers=(cb.optimizer, None), callbacks=[cb])
     else:
@@ -69,11 +73,14 @@ def run(trainer_kind: str, method: str, per_device_batch: int, out: Path, bf16: 
         cb = LayerwiseCallback(tiny_llama(), method, args=args, **OPTIONS[method])
         trainer = trl.SFTTrainer(model=cb.model, args=args, train_dataset=chats(), processing_class=tok,
                                  optimizers=(cb.optimizer, None), callbacks=[cb])
+    if rank == 1:  # ranks that start apart must still train as one: the callback starts every rank from rank 0's weights
+        with torch.no_grad():
+            for p in cb.model.parameters():
+                p.add_(0.01)
     dtypes = set()
     first_linear = next(m for m in cb.method.anatomy.blocks[0].modules() if isinstance(m, torch.nn.Linear))
     first_linear.register_forward_hook(lambda m, a, out: dtypes.add(str(out.dtype)))
     trainer.train()
-    rank = int(os.environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "digest": weights_digest(cb.model),
@@ -92,6 +99,6 @@ def run(trainer_kind: str, method: str, per_device_batch: int, out: Path, bf16: 
 
 if __name__ == "__main__":
     folder, batch = Path(sys.argv[1]), int(sys.argv[2])
-    for spec in sys.argv[3:]:  # trainer|sft : method [:bf16]
-        kind, method, *bf16 = spec.split(":")
-        run(kind, method, batch, folder / spec.replace(":", "-"), bf16=bool(bf16))
+    for spec in sys.argv[3:]:  # trainer|sft : method [:bf16] [:accum2]
+        kind, method, *flags = spec.split(":")
+        run(kind, method, batch, folder / spec.replace(":", "-"), bf16="bf16" in flags, accumulate=2 if "accum2" in flags else 1)

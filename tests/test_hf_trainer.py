@@ -59,7 +59,7 @@ def test_trainer_with_lift_changes_only_the_scheduled_blocks(tmp_path):
     assert not plain.active.fused and not plain.optimizer.param_groups[0]["fused"]
 
 
-def test_trainer_refusals(tmp_path):
+def test_trainer_refusals(tmp_path, monkeypatch):
     model = tiny_bert()
     args = training_args(tmp_path)
     with pytest.raises(ConfigError, match="method.k"):
@@ -74,6 +74,13 @@ def test_trainer_refusals(tmp_path):
     with pytest.raises(ConfigError, match="importance_batch=heldout needs a held-out split"):
         trainer.train()
     assert cb.history == []
+    # torchrun started 2 processes, but TrainingArguments on a CPU without use_cpu=True see one: each would train alone.
+    cb = LayerwiseCallback(tiny_bert(), "lift", args=args, k=1)
+    with monkeypatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="launched with 2 processes, but the TrainingArguments see one"):
+            cb.on_train_begin(args, TrainerState(), TrainerControl(), optimizer=cb.optimizer,
+                              train_dataloader=DataLoader(Rows(model), collate_fn=default_data_collator))
     # Several processes, but the callback was not told (no args=): the Trainer's DDP wrapper would fix SALF's set.
     cb = LayerwiseCallback(tiny_bert(), "salf", samples=16)
     several = SimpleNamespace(world_size=2, per_device_train_batch_size=4)
@@ -333,6 +340,6 @@ def test_sft_trainer_trains_exactly_the_planned_parameters(tmp_path, tokenizer, 
     planned = {names[id(p)] for _, plan in cb.history for p in cb.method.parameters(plan)}
     changed = changed_names(cb.model, before)
     assert changed <= planned, sorted(changed - planned)[:3]
-    # (A LoRA A matrix gets a zero gradient until its B has left zero: one IST selects only once may not move.)
+    # (A LoRA A matrix gets a zero gradient until its B has left zero: an adapter IST selects once may not move.)
     must_move = {n for n in planned if before[n].ndim >= 2 and "lora_A" not in n}
     assert must_move and must_move <= changed, sorted(must_move - changed)[:3]

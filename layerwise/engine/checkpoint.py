@@ -201,7 +201,9 @@ def load_named_optimizer_state(opt, tensors: dict[str, torch.Tensor], meta: dict
                 entry["step"] = entry["step"].to(p.device)
             opt.optimizer.state[p] = entry
         else:
-            opt._stash[p] = {k: (_like(p, v) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()}
+            # The stash lives off the device (a plain tensor; under FSDP laid out like its parameter, as stashed).
+            opt._stash[p] = {k: ((_like(p, v) if hasattr(p, "device_mesh") else v.cpu()) if torch.is_tensor(v) and k != "step" else v)
+                             for k, v in values.items()}
     for group, saved in zip(opt.param_groups, meta["param_groups"]):
         for k, v in saved.items():
             group[k] = tuple(v) if k == "betas" else v

@@ -44,8 +44,8 @@ keep the Trainer's own wrapper.
 
 ``resume_from_checkpoint``: the Trainer saves and loads torch's optimizer state by position in
 the param groups, which cannot describe a switched set. The callback adds to it (``optimizer.pt``,
-key ``"layerwise"``) the method's state (schedule position, IST's scores and probe-data position,
-SALF's probe), the current plan and the AdamW state keyed by parameter name (active, retained or
+key ``"layerwise"``) the method's state (IST's scores and probe-data position, SALF's probe; LIFT's
+and LISA's plans are functions of the step), the current plan and the AdamW state keyed by parameter name (active, retained or
 stashed), and restores them when the Trainer loads it, so a resumed run continues the same plan
 sequence.
 """
@@ -53,6 +53,7 @@ sequence.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import defaultdict
 from types import MethodType
 from typing import Any, Callable
@@ -193,6 +194,12 @@ class LayerwiseCallback(TrainerCallback):
                 "the Trainer built its own optimizer, which would not follow the layerwise plan: "
                 "pass optimizers=(callback.optimizer, None) to the Trainer"
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            raise ConfigError(
+                f"launched with {launched} processes, but the TrainingArguments see one, so each process would train alone: "
+                "without a GPU pass use_cpu=True to TrainingArguments (transformers then runs them data parallel)"
+            )
         if args.world_size > 1 and self._set_may_change and self.sync is None:
             raise ConfigError(
                 f"'{self.method.name}' changes the trainable set, which the Trainer's DistributedDataParallel wrapper cannot "
@@ -223,6 +230,7 @@ class LayerwiseCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         step = state.global_step
+        self._sync_queued = False  # a backward that raised never ran its queued averaging
         self.method.before_step(step)
         plan = self.method.plan(step)
         if plan != self.plan:
@@ -237,26 +245,35 @@ class LayerwiseCallback(TrainerCallback):
     def _keep_out_of_ddp(self, args) -> None:
         """Mark the model as prepared, so the Trainer's accelerate leaves it unwrapped; do here the one thing its
         preparation would still do for a model the Trainer already placed: autocast the forward for bf16/fp16."""
+        name = self.method.name
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise ConfigError(
+                f"'{name}' changes the trainable set, which DeepSpeed and the Trainer's FSDP fix when they wrap the model: "
+                f"run it data parallel without them (plain torchrun), or `torchrun -m layerwise train --method {name} --set train.fsdp=true`"
+            )
         if getattr(args, "torch_compile", False):
             raise ConfigError(
-                f"'{self.method.name}' under several processes runs outside accelerate's model preparation, which is where "
+                f"'{name}' under several processes runs outside accelerate's model preparation, which is where "
                 "torch_compile applies: set torch_compile=False"
             )
         model = self.model
-        if args.bf16 or args.fp16:
-            autocast = torch.autocast(args.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16)
+        if getattr(model, "_layerwise_out_of_ddp", False):
+            return  # a second callback on the same model: already unwrapped and autocast
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if precision in ("bf16", "fp16"):
+            autocast = torch.autocast(args.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
             model._original_forward = model.forward
             model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
-        model._is_accelerate_prepared = True
+        model._is_accelerate_prepared = model._layerwise_out_of_ddp = True
 
     def _join_ranks(self) -> None:
-        """Every rank starts from rank 0's weights (as DistributedDataParallel's constructor makes it), the active set
-        requires grad again, and every parameter reports when backward has completed its gradient."""
+        """Every rank starts from rank 0's weights and buffers (as DistributedDataParallel's constructor makes it)."""
         with torch.no_grad():
             for t in itertools.chain(self.model.parameters(), self.model.buffers()):
                 dist.broadcast(t, src=0)
-        for p in self.active.active:
-            p.requires_grad_(True)
+        # The Trainer's flag for "this micro-batch ends the step"; read through accelerate's shared state, taken here on
+        # the main thread (the hooks run on autograd's).
+        self._gradient_state = GradientState()
         self._ranks_joined = True
 
     def _watch_active(self) -> None:
@@ -267,9 +284,10 @@ class LayerwiseCallback(TrainerCallback):
                 self._watched.add(id(p))
 
     def _gradient_ready(self, param: nn.Parameter) -> None:
-        # On the last micro-batch of a step (accelerate's flag, which the Trainer sets before each one), the first
-        # completed gradient queues one averaging of the active set for when this backward has finished.
-        if not self._sync_queued and GradientState().sync_gradients:
+        # On the last micro-batch of a step, the first completed gradient queues one averaging of the active set for
+        # when this backward has finished (under reentrant checkpointing, for each inner backward: more all_reduces,
+        # the same result).
+        if not self._sync_queued and self._gradient_state.sync_gradients:
             self._sync_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._average_active_gradients)
 
@@ -305,7 +323,7 @@ class LayerwiseCallback(TrainerCallback):
                 f"resume_from_checkpoint: the checkpoint's optimizer.pt holds {what}, so this '{self.method.name}' run cannot "
                 "continue its plan: resume from a checkpoint of a run of the same method with the callback"
             )
-        self._resumed = saved  # also when accelerate round-trips the state to place it on the device
+        self._resumed = saved  # also when accelerate round-trips the state to place it on the device; dropped once restored
         # torch loads by position into the groups as they are now; the state itself is restored by name afterwards.
         groups, first = [], 0
         for mine, theirs in zip(optimizer.param_groups, state_dict["param_groups"]):
@@ -327,3 +345,4 @@ class LayerwiseCallback(TrainerCallback):
         plan = saved["plan"]
         self.plan = Plan(tuple(plan["blocks"]), embeddings=plan["embeddings"], head=plan["head"])
         self.switches = saved["switches"]
+        self._resumed = {"step": saved["step"]}
