@@ -4,15 +4,18 @@
 #   equal steps: one `layerwise bench` per seed, the methods interleaved within it;
 #   equal wall-clock: each method trained for the steps that fit in full's median setup + training seconds at its own
 #   median seconds per step from the equal-steps runs (the same config otherwise), seeds interleaved the same way.
-# Usage: bash docs/bench/quality/run.sh minilm|smollm2 [WORK_DIR]   (writes MODEL-equal-{steps,time}.json/.md here)
+# Usage: bash docs/bench/quality/run.sh minilm|smollm2 [WORK_DIR [time]]   (writes MODEL-equal-{steps,time}.json/.md here;
+#   time: only the equal wall-clock half, from the equal-steps runs already in WORK_DIR and MODEL-equal-steps.json)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/protocol.sh" "${1:-}"
 work="${2:-$(mktemp -d)}"
-for seed in 1 2 3; do
-  layerwise bench "${bench[@]}" --methods "$methods" --set train.seed=$seed --output "$work/steps-seed$seed"
-done
-layerwise measure quality-report "$work"/steps-seed{1,2,3} --metrics "$metrics" --output "$here/$1-equal-steps"
+if [ "${3:-}" != time ]; then
+  for seed in 1 2 3; do
+    layerwise bench "${bench[@]}" --methods "$methods" --set train.seed=$seed --output "$work/steps-seed$seed"
+  done
+  layerwise measure quality-report "$work"/steps-seed{1,2,3} --metrics "$metrics" --output "$here/$1-equal-steps"
+fi
 python - "$here/$1-equal-steps.json" "$work" <<'PY'
 import json, subprocess, sys
 from pathlib import Path
