@@ -372,7 +372,8 @@ class Run:
                     )
         bar.close()
         peak_process = trainer.peak_memory.peak_bytes()
-        measured_peak = trainer.peak_memory.peak_above_baseline()
+        # The method's work before the first step (SALF's probe) has its own window: the run's peak is the larger.
+        measured_peak = max(trainer.peak_memory.peak_above_baseline(), self.method.setup_measured_peak)
         totals = trainer.totals
         # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the rates when there is more than one.
         seconds, tokens, samples = totals.seconds, totals.tokens, totals.samples
@@ -411,9 +412,10 @@ class Run:
             "peak_memory_bytes": peak_process,
             "peak_memory_kind": trainer.peak_memory.kind,
             # Accounted: weights + grads + optimizer + activations, each at its peak (layerwise's meter); measured_peak:
-            # the process's peak above what it held when the first step began (the loaded model), from the OS or CUDA.
+            # the process's peak above what it held when the first step began (the loaded model), from the OS or CUDA,
+            # or above what it held when the method's own setup work began (setup_measured_peak), whichever is larger.
             "memory": {**{k: int(v) for k, v in totals.peak.items()}, "measured_peak": measured_peak,
-                       "measured_baseline": trainer.peak_memory.baseline},
+                       "measured_baseline": trainer.peak_memory.baseline, "setup_measured_peak": self.method.setup_measured_peak},
             "trainable_parameters_max": trainer.max_trainable,
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "switches": trainer.switches,

@@ -311,3 +311,26 @@ def test_bench_repeats_build_their_own_prefix_cache(tiny_bert_dir, cls_jsonl, tm
         assert not (out / "runs" / f"cached-{rep}-prefix-cache").exists()
         assert "prefix_cache" not in json.loads((out / "runs" / f"freeze-{rep}" / "summary.json").read_text())
     assert not (tmp_path / "shared").exists()
+
+
+def test_salf_probe_peak_counts_in_the_runs_measured_peak(tiny_bert_dir, cls_jsonl, tmp_path, monkeypatch):
+    """SALF's probe runs before the first step, outside the training window: it is measured in a window of its own, and
+    the run's measured peak is the larger of the two."""
+    from layerwise.methods.salf import method as salf_method
+
+    class ProbeWindow:  # stands in for PeakMemory around the probe, with a peak no training step reaches
+        def __init__(self, device):
+            self.opened = False
+
+        def reset(self):
+            self.opened = True
+
+        def peak_above_baseline(self):
+            assert self.opened
+            return 1 << 40
+
+    monkeypatch.setattr(salf_method, "PeakMemory", ProbeWindow)
+    out = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, cls_jsonl, out), "--method", "salf", "--set", "method.samples=16") == 0
+    memory = json.loads((out / "summary.json").read_text())["memory"]
+    assert memory["setup_measured_peak"] == memory["measured_peak"] == 1 << 40

@@ -95,6 +95,10 @@ class Method:
         #: The optimizer-state policy on a switch when the method sets its own (``train.optimizer_state`` otherwise).
         self.optimizer_state: str | None = None
         self.adapter_params: set[int] = set()
+        #: Bytes the method's own work before training (SALF's probe) raised the process's peak above what it held when
+        #: that work began, measured like the training window (peak RSS, or CUDA's allocator); the run's measured peak
+        #: is the larger of the two.
+        self.setup_measured_peak = 0
         #: Set by the run before :meth:`prepare`: a :class:`RunContext` (data loaders,
         #: tokenizer, output folder, device). ``None`` when a method is used on its own.
         self.context: RunContext | None = None

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from layerwise.engine.meter import PeakMemory
 from layerwise.errors import ConfigError
 from layerwise.methods.adapters import AdapterConfig, inject
 from layerwise.methods.base import Method, Plan
@@ -108,11 +109,14 @@ class Salf(Method):
     def _probe_training_data(self, model) -> None:
         # Iterating a DataLoader draws from the global RNG: keep the training's random stream
         # (dropout, ...) exactly as without the probe, so salf == freeze on the same blocks.
+        window = PeakMemory(next(model.parameters()).device)
+        window.reset()
         with torch.random.fork_rng(devices=[]):
             probe = run_probe(
                 model, self.anatomy, sample_batches(self.context.train_loader, self.config.samples), self.task,
                 budget=self.config.budget, seed=self.seed,
             )
+        self.setup_measured_peak = window.peak_above_baseline()
         print(format_table(probe))
         self._set_probe(probe)
 
