@@ -154,6 +154,10 @@ class Anatomy:
         embeddings = {id(p) for p in self.embedding_parameters()}
         return any(id(p) in embeddings for m in self._current("head") for p in m.parameters())
 
+    def head_modules(self) -> list[nn.Module]:
+        """The head's modules (pooler, classifier, lm_head, ...) as the model holds them now (inside peft too)."""
+        return self._current("head")
+
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the final norm and the head, minus any tied to embeddings or blocks."""
         taken = {id(p) for p in self.embedding_parameters()}

@@ -69,7 +69,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="run each method this many times and take the median")
+    p.add_argument("--repeats", type=int, help="run each method this many times, interleaved, and take the median "
+                   "(default 1; with --suite 3, --quick 1: the repeats after the first time the equal-batch steps alone)")
     p.add_argument("--eval", dest="eval_samples", type=int, default=0, help="held-out examples to evaluate after training (0 = skip)")
     p.add_argument("--output", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -232,6 +233,7 @@ def cmd_bench(args) -> int:
     if suite_only:
         raise ConfigError(f"{', '.join(suite_only)} only apply with --suite paper")
     args.methods = args.methods or "full,lift,lisa,freeze,lora"
+    args.repeats = args.repeats or 1
     run_bench(args, build_raw_config(args))
     return 0
 

@@ -63,7 +63,8 @@ def test_plan_within_15_percent_of_measured(which, tiny_llama_dir, tiny_bert_dir
             assert fixed + entry["max_batch"] * entry["activations_per_example"] <= 64 * 2**20
     if which == "llama":
         assert result["methods"]["full"]["tokens_per_s"] > 0
-        assert result["methods"]["meft"]["tokens_per_s"] is None  # stated as not predicted
+        # MEFT's recomputed forwards are charged (Method.recomputed_blocks): it is predicted like every method.
+        assert result["methods"]["meft"]["tokens_per_s"] > 0
 
 
 def test_plan_cli(tiny_llama_dir, tmp_path, capsys):

@@ -1,25 +1,29 @@
-"""Cost model: the best speedup a method can reach, from measured per-block times.
+"""Cost model: a method's step time predicted from measured per-block times, never calibrated on a run.
 
 One full fine-tuning step is profiled with marker functions at every block boundary: the
 forward time of each block (pre/post hooks) and its backward time (the moment the
 gradient reaches the block's output and the moment it leaves through its input). One
 block is then timed alone in three backward modes: full (input and weight gradients),
 weight-only (the lowest trainable block: nothing flows below it) and input-only (a frozen
-block that gradient must cross). The optimizer step is timed over all parameters and
-scaled per parameter.
+block that gradient must cross). The head's backward is timed twice, with its weights
+trainable and frozen (a tied LM head's weight is the embedding matrix: it trains only
+with the embeddings). Gradient clipping, the AdamW step and zero_grad are timed apart,
+each scaled per parameter. A method whose blocks carry adapters has its own middle block
+timed the same way (:func:`measure_block_cost`): adapter forward and backward factors.
 
-For a plan (trainable blocks, embeddings, head) the predicted step time is::
+For a step (:class:`Charge`: what trains and runs, read from the method's parameters)::
 
-    T = F  +  B_head  +  sum_i c_i  +  [B_emb if embeddings train]  +  opt_per_param * n_trainable
+    T = F  +  B_head  +  sum_i c_i  +  [B_emb if an embedding parameter trains]  +  per-parameter work
+        +  recomputed forwards  +  the method's own forwards (IST's importance loop)
 
 with c_i = B_i for a trainable block above the lowest trainable point, B_i * r_weight for
-the lowest one, B_i * r_input for a frozen block above it, and 0 below it. Forward is
-charged in full (a frozen prefix still runs forward), so the prediction is an upper bound
-on the equal-batch speedup.
+the lowest one, B_i * r_input for a frozen block above it, B_i * r_adapter for a block
+whose adapters train, and 0 below the lowest. docs/cost-model.md has every term.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +65,41 @@ def _first_tensor(args, kwargs):
     return None, None
 
 
+@dataclass(frozen=True)
+class BlockCost:
+    """A method's blocks relative to the plain block, measured on its own middle block
+    (:func:`measure_block_cost`); the defaults are a block without adapters."""
+
+    forward_factor: float = 1.0
+    """Forward with the method's adapters over forward without them (train mode)."""
+    adapter_fraction: float | None = None
+    """Backward with only adapter weights trainable and the input gradient, over the plain block's full backward."""
+    adapter_lowest_fraction: float | None = None
+    """The same without the input gradient (the lowest block that trains)."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one step of a method trains and runs, as the cost model charges it (from :func:`charge_for`)."""
+
+    trainable_blocks: tuple[int, ...]
+    """Blocks with a trainable parameter (adapters included)."""
+    embeddings: bool
+    """An embedding parameter trains (a tied LM head's weight included): backward reaches the embeddings."""
+    head_weight: bool
+    """A parameter of the head modules trains (for a tied head: the embedding matrix)."""
+    n_trainable: int
+    adapter_only: bool = False
+    adapter_blocks: tuple[int, ...] = ()
+    """Blocks that carry adapters: their forward costs ``BlockCost.forward_factor``."""
+    eval_blocks: tuple[int, ...] = ()
+    """Blocks whose forward runs in eval mode (frozen blocks with ``train.frozen_dropout`` off)."""
+    recomputed_blocks: tuple[int, ...] = ()
+    """Blocks whose forward runs again in backward (MEFT's reversible blocks)."""
+    extra_forward_examples: int = 0
+    """Examples the method runs forward, without gradients, in eval mode, beside the step (IST's importance loop)."""
+
+
 @dataclass
 class Profile:
     forward_blocks: list[float]
@@ -70,6 +109,7 @@ class Profile:
     forward_head: float
     backward_head: float
     optimizer_per_param: float
+    """The AdamW step alone, seconds per parameter."""
     weight_only_fraction: float
     input_only_fraction: float
     step_seconds: float
@@ -77,36 +117,63 @@ class Profile:
     forward_blocks_eval: list[float] | None = None
     """Forward time of each block in eval mode (no dropout): what a block that does not train
     costs when ``train.frozen_dropout`` is off."""
+    backward_head_frozen: float | None = None
+    """The head's backward with its weights frozen (only the gradient for the blocks below)."""
+    clip_per_param: float = 0.0
+    zero_grad_per_param: float = 0.0
+    batch_size: int = 1
 
     @property
     def forward(self) -> float:
         return self.forward_embeddings + sum(self.forward_blocks) + self.forward_head
 
-    def predict(self, plan: Plan, trainable_params: int, adapter_only: bool = False, frozen_eval: bool = False) -> float:
-        """Predicted seconds for one optimizer step under ``plan``; ``frozen_eval``: blocks
-        outside the plan run their forward in eval mode."""
-        t = self.forward
-        if frozen_eval and self.forward_blocks_eval:
-            for i, (f_train, f_eval) in enumerate(zip(self.forward_blocks, self.forward_blocks_eval)):
-                if i not in plan.blocks:
-                    t += f_eval - f_train
-        lowest = plan.lowest
-        if lowest is None and not plan.head:
-            return t + self.optimizer_per_param * trainable_params
-        t += self.backward_head
+    def phases(self, charge: Charge, block: BlockCost = BlockCost()) -> dict:
+        """Predicted seconds of one optimizer step by phase, on the suite's clock: ``method_hook`` (the method's own
+        forwards), ``forward``, ``backward`` (gradient clipping included), ``optimizer`` (the AdamW step), ``other``
+        (zero_grad); ``total``, and ``per_parameter`` (the part that does not grow with the batch)."""
+        L = len(self.forward_blocks)
+        f_eval = self.forward_blocks_eval or self.forward_blocks
+
+        def block_forward(i: int, mode_eval: bool) -> float:
+            t = f_eval[i] if mode_eval else self.forward_blocks[i]
+            return t * (block.forward_factor if i in charge.adapter_blocks else 1.0)
+
+        forward = self.forward_embeddings + self.forward_head + sum(block_forward(i, i in charge.eval_blocks) for i in range(L))
+        backward = 0.0
+        lowest = -1 if charge.embeddings else (min(charge.trainable_blocks) if charge.trainable_blocks else None)
+        head_frozen = self.backward_head if self.backward_head_frozen is None else self.backward_head_frozen
         if lowest is not None:
-            for i, b in enumerate(self.backward_blocks):
-                if i < lowest:
-                    continue
-                trains = (i in plan.blocks) and not adapter_only
-                if i == lowest and not plan.embeddings:
-                    # Adapters in the lowest block still need its input for their weight gradient only.
-                    t += b * (self.weight_only_fraction if trains else self.input_only_fraction * 0.5)
+            backward += self.backward_head if charge.head_weight else head_frozen
+            for i in range(max(lowest, 0), L):
+                b = self.backward_blocks[i]
+                at_bottom = i == lowest
+                if i not in charge.trainable_blocks:
+                    backward += b * self.input_only_fraction
+                elif charge.adapter_only:
+                    r_in = block.adapter_fraction if block.adapter_fraction is not None else self.input_only_fraction
+                    r_low = block.adapter_lowest_fraction if block.adapter_lowest_fraction is not None else r_in
+                    backward += b * (r_low if at_bottom else r_in)
                 else:
-                    t += b if trains else b * self.input_only_fraction
-            if plan.embeddings:
-                t += self.backward_embeddings
-        return t + self.optimizer_per_param * trainable_params
+                    backward += b * (self.weight_only_fraction if at_bottom else 1.0)
+                if i in charge.recomputed_blocks:
+                    backward += block_forward(i, False)
+            if charge.embeddings:
+                backward += self.backward_embeddings
+        elif charge.head_weight:
+            # Only the head trains: its weight gradient, none for the blocks below.
+            backward += max(self.backward_head - head_frozen, 0.0)
+        hook = charge.extra_forward_examples / self.batch_size * (
+            self.forward_embeddings + self.forward_head + sum(block_forward(i, True) for i in range(L)))
+        n = charge.n_trainable
+        clip, optimizer, other = self.clip_per_param * n, self.optimizer_per_param * n, self.zero_grad_per_param * n
+        out = {"method_hook": hook, "forward": forward, "backward": backward + clip, "optimizer": optimizer, "other": other}
+        out["total"] = sum(out.values())
+        out["per_parameter"] = clip + optimizer + other
+        return out
+
+    def predict(self, charge: Charge, block: BlockCost = BlockCost()) -> float:
+        """Predicted seconds for one optimizer step."""
+        return self.phases(charge, block)["total"]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,45 +181,132 @@ class Profile:
         return d
 
 
-def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[float, float]:
-    """Backward time of one block with weight-only and input-only gradients, as fractions of full."""
-    params = [p for p in block.parameters()]
-    saved = [p.requires_grad for p in params]
-    # Captured inputs may hang on the profiled step's (freed) graph: use detached copies.
+def charge_for(method: Method, plan: Plan, step: int | None = None, frozen_eval: bool = False) -> Charge:
+    """What ``method`` trains and runs at ``step`` under ``plan``, from the parameters it really trains
+    (a plan's ``embeddings``/``head`` flags say which groups may train; an adapter method trains only its adapters there)."""
+    anatomy = method.anatomy
+    trainable = {id(p): p for p in method.parameters(plan)}
+    groups = anatomy.groups()
+    L = anatomy.num_blocks
+    in_group = lambda name: any(id(p) in trainable for p in groups[name])  # noqa: E731
+    blocks = tuple(i for i in range(L) if in_group(f"block.{i}"))
+    head_weight = any(id(p) in trainable for m in anatomy.head_modules() for p in m.parameters())
+    adapters = tuple(i for i in range(L) if any(id(p) in method.adapter_params for p in groups[f"block.{i}"])) if method.adapter_params else ()
+    return Charge(
+        trainable_blocks=blocks,
+        embeddings=in_group("embeddings"),
+        head_weight=head_weight,
+        n_trainable=sum(p.numel() for p in trainable.values()),
+        adapter_only=method.adapter_only,
+        adapter_blocks=adapters,
+        eval_blocks=tuple(i for i in range(L) if i not in plan.blocks) if frozen_eval else (),
+        recomputed_blocks=tuple(method.recomputed_blocks()),
+        extra_forward_examples=method.extra_forward_examples(step) if step is not None else 0,
+    )
+
+
+def full_charge(profile: Profile) -> Charge:
+    """Full fine-tuning: every parameter trains."""
+    return Charge(tuple(range(len(profile.backward_blocks))), embeddings=True, head_weight=True, n_trainable=profile.total_params)
+
+
+def _detached(args, kwargs):
+    """Captured block inputs without their graph, and without a KV cache (it would grow and hold its graph)."""
     det = lambda v: v.detach() if torch.is_tensor(v) else (type(v)(det(u) for u in v) if isinstance(v, tuple) else v)  # noqa: E731
     args, kwargs = tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}
     for key, value in list(kwargs.items()):
         if key in ("past_key_values", "past_key_value", "cache") or type(value).__name__.endswith("Cache"):
-            kwargs[key] = None  # a KV cache from the profiled step would grow (and hold its graph)
+            kwargs[key] = None
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
-    which, x0 = _first_tensor(args, kwargs)
+    return args, kwargs
 
-    def timed(x_grad: bool, w_grad: bool) -> float:
+
+def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter], x_grad: bool, reps: int) -> tuple[float, float]:
+    """Median forward and backward seconds of ``block`` alone on its captured inputs, with only ``grad_params``
+    trainable and (``x_grad``) the gradient for its input."""
+    params = list(block.parameters())
+    saved = [p.requires_grad for p in params]
+    which, x0 = _first_tensor(args, kwargs)
+    wanted = {id(p) for p in grad_params}
+    fwd, bwd = [], []
+    try:
         for p in params:
-            p.requires_grad_(w_grad)
-        times = []
+            p.requires_grad_(id(p) in wanted)
         for _ in range(reps + 1):
             x = x0.detach().requires_grad_(x_grad)
             a, k = (((x,) + tuple(args[1:])), kwargs) if which == "arg" else (args, {**kwargs, "hidden_states": x})
+            t0 = _now()
             out = block(*a, **k)
             out = out[0] if isinstance(out, (tuple, list)) else out
             loss = out.float().pow(2).mean()
-            t0 = _now()
+            t1 = _now()
             loss.backward()
-            times.append(_now() - t0)
+            t2 = _now()
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
             for p in params:
                 p.grad = None
-        return statistics.median(times[1:])
-
-    try:
-        full = timed(True, True)
-        weight_only = timed(False, True)
-        input_only = timed(True, False)
     finally:
         for p, rg in zip(params, saved):
             p.requires_grad_(rg)
+    return statistics.median(fwd[1:]), statistics.median(bwd[1:])
+
+
+def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[float, float]:
+    """Backward time of one block with weight-only and input-only gradients, as fractions of full."""
+    args, kwargs = _detached(args, kwargs)
+    params = list(block.parameters())
+    full = _time_block(block, args, kwargs, params, True, reps)[1]
+    weight_only = _time_block(block, args, kwargs, params, False, reps)[1]
+    input_only = _time_block(block, args, kwargs, [], True, reps)[1]
     return weight_only / full, input_only / full
+
+
+def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: set[int], *, bf16: bool = False,
+                       reps: int = 3) -> BlockCost:
+    """Forward and backward factors of the method's adapters, on its middle block: the block's inputs are captured
+    in one forward of ``model`` (the method's prepared model), then the block is timed with its peft adapters
+    disabled (full backward: the reference of the profile's fractions) and enabled (only adapters trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    block = anatomy.blocks[anatomy.num_blocks // 2]
+    tuners = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+    adapters = [p for p in block.parameters() if id(p) in adapter_params]
+    if not tuners or not adapters:
+        return BlockCost()  # adapters outside peft's layers (MEFT's run beside the block): charged as a plain block
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("inputs", (args, kwargs))
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(**batch)
+    finally:
+        handle.remove()
+    args, kwargs = _detached(*captured["inputs"])
+    base = [p for p in block.parameters() if id(p) not in adapter_params]
+    was_training, saved = block.training, [(p, p.requires_grad) for p in block.parameters()]
+    block.train()
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            for m in tuners:
+                m.enable_adapters(False)
+            f_off, b_full = _time_block(block, args, kwargs, base, True, reps)
+            for m in tuners:
+                m.enable_adapters(True)
+            f_on, b_ax = _time_block(block, args, kwargs, adapters, True, reps)
+            b_a = _time_block(block, args, kwargs, adapters, False, reps)[1]
+    finally:
+        for m in tuners:
+            m.enable_adapters(True)
+        for p, rg in saved:  # enable_adapters sets requires_grad on the adapters: put back what the method set
+            p.requires_grad_(rg)
+        block.train(was_training)
+    return BlockCost(forward_factor=f_on / f_off, adapter_fraction=b_ax / b_full, adapter_lowest_fraction=b_a / b_full)
 
 
 def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16: bool = False) -> Profile:
@@ -213,7 +367,9 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
             loss.backward()
             t2 = _now()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+            t_clip = _now()
             opt.step()
+            t_step = _now()
             opt.zero_grad(set_to_none=True)
             t3 = _now()
             if rep == 0:
@@ -228,10 +384,29 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
                     fh=t1 - fwd_log[("out", L - 1)],
                     bh=bwd_log[("out", L - 1)] - t1,
                     be=t2 - bwd_log[("in", 0)],
-                    opt=t3 - t2,
+                    clip=t_clip - t2,
+                    opt=t_step - t_clip,
+                    zero=t3 - t_step,
                     step=t3 - t0,
                 )
             )
+        # The head's backward with its weights frozen (a plan whose head does not train still sends the gradient
+        # through it); a tied LM head's weight is the embedding matrix, frozen here with it.
+        head_params = [p for m in anatomy.head_modules() for p in m.parameters()]
+        for p in head_params:
+            p.requires_grad_(False)
+        frozen_head = []
+        for rep in range(reps + 1):
+            bwd_log.clear()
+            with (ctx() if ctx else contextlib.nullcontext()):
+                loss = model(**batch).loss
+            t1 = _now()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if rep:
+                frozen_head.append(bwd_log[("out", L - 1)] - t1)
+        for p in head_params:
+            p.requires_grad_(True)
         # Forward of every block in eval mode (no dropout), for blocks that do not train.
         model.eval()
         eval_rows = []
@@ -266,6 +441,10 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         forward_head=med("fh"),
         backward_head=med("bh"),
         optimizer_per_param=med("opt") / n,
+        clip_per_param=med("clip") / n,
+        zero_grad_per_param=med("zero") / n,
+        backward_head_frozen=statistics.median(frozen_head),
+        batch_size=int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0]),
         weight_only_fraction=r_w,
         input_only_fraction=r_in,
         step_seconds=med("step"),
@@ -274,16 +453,13 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
     )
 
 
-def predicted_speedup(profile: Profile, method: Method, plans: list[Plan], frozen_eval: bool = False) -> dict:
-    """Ideal tokens/s ratio of ``method`` over full fine-tuning, averaged over the steps' ``plans``."""
-    full_plan = Plan(tuple(range(len(profile.backward_blocks))), embeddings=True, head=True)
-    t_full = profile.predict(full_plan, profile.total_params)
-    times = []
-    cache: dict = {}
-    for plan in plans:
-        if plan not in cache:
-            n = sum(p.numel() for p in method.parameters(plan))
-            cache[plan] = profile.predict(plan, n, adapter_only=method.adapter_only, frozen_eval=frozen_eval)
-        times.append(cache[plan])
-    t_method = sum(times) / max(len(times), 1)
-    return {"predicted_step_seconds": t_method, "predicted_full_step_seconds": t_full, "predicted_speedup": t_full / t_method}
+def predicted_speedup(profile: Profile, method: Method, steps: dict[int, Plan], frozen_eval: bool = False,
+                      block: BlockCost = BlockCost()) -> dict:
+    """Predicted step time of ``method`` over the ``steps`` it ran (step index -> plan), by phase and in total,
+    and the tokens/s ratio over full fine-tuning's predicted step."""
+    t_full = profile.predict(full_charge(profile))
+    per_step = [profile.phases(charge_for(method, plan, step, frozen_eval), block) for step, plan in steps.items()]
+    keys = ("method_hook", "forward", "backward", "optimizer", "other", "total")
+    phases = {k: statistics.fmean(ph[k] for ph in per_step) for k in keys}
+    return {"predicted_step_seconds": phases["total"], "predicted_full_step_seconds": t_full,
+            "predicted_speedup": t_full / phases["total"], "phases": phases, "block_cost": asdict(block)}

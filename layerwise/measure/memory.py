@@ -19,9 +19,8 @@ How the prediction is made (docs/beyond.md):
 * Largest batch: ``floor((budget - weights - grads - optimizer - a0) / slope)``.
 * tokens/s: one profiled full fine-tuning step at batch 1 (:func:`layerwise.measure.costmodel.profile_model`)
   gives per-block forward/backward times; a method's step time at batch ``B`` is its compute time
-  from :meth:`Profile.predict` scaled by ``B`` plus the optimizer time of its trainable parameters.
-  A method that declares work the cost model does not charge (``Method.unmodelled``: MEFT's
-  reversible backward, IST's importance loop) gets no tokens/s prediction.
+  from :meth:`Profile.phases` scaled by ``B`` plus the per-parameter time of its trainable parameters
+  and its own forwards beside the step (IST's importance loop) and recomputed blocks (MEFT).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from layerwise.anatomy import find_anatomy
 from layerwise.config import resolve
 from layerwise.engine import Trainer, resolve_device
 from layerwise.errors import ConfigError
-from layerwise.measure.costmodel import profile_model
+from layerwise.measure.costmodel import charge_for, full_charge, profile_model
 from layerwise.methods import METHODS, RunContext, method_config, names_where, setup
 from layerwise.models import default_task_for, load_model_and_tokenizer, resolve_model_path
 
@@ -168,6 +167,7 @@ def measure_method(cfg, mraw: dict, task: str, seq: int, *, num_labels: int | No
         "_plans": plan_counts,
         "_adapter_only": method.adapter_only,
         "_method": method,
+        "_extra_forward": sum(method.extra_forward_examples(s) for s in range(cfg.train.max_steps)) / max(cfg.train.max_steps, 1),
     }
     del trainer, model
     return out
@@ -200,11 +200,13 @@ def tokens_per_s(profile, entry: dict, batch: int, seq: int, profile_batch: int 
     method = entry["_method"]
     total_t, total_n = 0.0, 0
     for plan, count in entry["_plans"].items():
-        n = sum(p.numel() for p in method.parameters(plan))
-        compute = profile.predict(plan, 0, adapter_only=entry["_adapter_only"])
-        total_t += count * (compute * batch / profile_batch + profile.optimizer_per_param * n)
+        ph = profile.phases(charge_for(method, plan))
+        compute = ph["total"] - ph["per_parameter"]
+        total_t += count * (compute * batch / profile_batch + ph["per_parameter"])
         total_n += count
-    return batch * seq / (total_t / max(total_n, 1))
+    # The method's own forwards beside the step (IST's importance loop), per step on average, at a fixed batch.
+    per_example = profile.phases(dataclasses.replace(full_charge(profile), extra_forward_examples=1))["method_hook"]
+    return batch * seq / (total_t / max(total_n, 1) + entry.get("_extra_forward", 0) * per_example)
 
 
 def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | None, batch_size: int | None,
@@ -246,13 +248,12 @@ def plan_command(raw: dict, *, memory: str, seq_len: int | None, methods: str | 
         entry["predicted"] = predict(entry, batch)
         entry["max_batch"] = max_batch(entry, budget)
         entry["fits"] = entry["predicted"]["total"] <= budget
-        unmodelled = METHODS[name].unmodelled
-        if profile is not None and not unmodelled:
+        if profile is not None:
             entry["tokens_per_s"] = tokens_per_s(profile, entry, batch, seq)
             entry["tokens_per_s_at_max_batch"] = tokens_per_s(profile, entry, entry["max_batch"], seq) if entry["max_batch"] else None
         else:
             entry["tokens_per_s"] = None
-            entry["tokens_per_s_note"] = ("; ".join(unmodelled.values()) + ": not in the cost model") if unmodelled else "not profiled (--no-speed)"
+            entry["tokens_per_s_note"] = "not profiled (--no-speed)"
         rows[name] = entry
     result = {
         "model": cfg.model,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from layerwise.config import resolve
 from layerwise.data import Splits
-from layerwise.measure.costmodel import predicted_speedup, profile_model
+from layerwise.measure.costmodel import BlockCost, measure_block_cost, predicted_speedup, profile_model
 from layerwise.methods import create_method, setup
 from layerwise.run import Run
 from layerwise.schema import load_yaml
@@ -37,12 +37,14 @@ def profile_methods(config: str | Path, methods: list[str], steps: int, output: 
         _, m_cfg = resolve(load_yaml(Path(config).parent / f"{name}.yaml"))
         try:
             method = create_method(m_cfg, run.method.anatomy, task=run.task, seed=cfg.train.seed, max_steps=steps)
+            block = BlockCost()
             if method.adapter_only:  # it plans over the adapters it injects: prepare a copy of the model
-                method, _ = setup(m_cfg, copy.deepcopy(model), task=run.task, blocks=cfg.blocks, seed=cfg.train.seed,
-                                  max_steps=steps, context=run.method.context)
+                method, prepared = setup(m_cfg, copy.deepcopy(model), task=run.task, blocks=cfg.blocks, seed=cfg.train.seed,
+                                         max_steps=steps, context=run.method.context)
+                block = measure_block_cost(prepared, method.anatomy, batch, method.adapter_params, bf16=cfg.train.bf16)
             # The plans of the run's steps 0..steps-1 (the bench times all but the first).
-            plans = [method.plan(s) for s in range(steps)]
-            predictions[name] = predicted_speedup(prof, method, plans, frozen_eval=not cfg.train.frozen_dropout)
+            plans = {s: method.plan(s) for s in range(steps)}
+            predictions[name] = predicted_speedup(prof, method, plans, frozen_eval=not cfg.train.frozen_dropout, block=block)
         except Exception as exc:  # the prediction is a side note: never lose the bench over it
             predictions[name] = {"predicted_speedup": None, "error": f"{type(exc).__name__}: {exc}"}
     result = {"profile": prof.to_dict(), "methods": predictions}

@@ -54,10 +54,10 @@ from layerwise.engine.settings import TrainConfig
 from layerwise.engine.trainer import BatchStream
 from layerwise.errors import ConfigError
 from layerwise.measure.bench import method_raw
-from layerwise.measure.costmodel import Profile, predicted_speedup
+from layerwise.measure.costmodel import BlockCost, Profile, measure_block_cost, predicted_speedup
 from layerwise.measure.memory import max_batch, measure_method, predict, repeat_batch, synthetic_batch
 from layerwise.measure.profile import profile_methods
-from layerwise.measure.report import OVERHEAD_THRESHOLD, PHASES, render, write_docs
+from layerwise.measure.report import COST_MODEL_TOLERANCE, OVERHEAD_THRESHOLD, PHASES, render, write_docs
 from layerwise.methods import METHODS, method_config, setup
 from layerwise.models import count_blocks, default_task_for, load_tokenizer, resolve_model_path
 from layerwise.preflight import CPU_BF16_ENV, cpu_has_bf16
@@ -72,7 +72,7 @@ SUITE_METHODS = (
     ("lift_random", {"name": "lift", "schedule": "random"}),
     ("lisa", {"name": "lisa"}),
     ("lora", {"name": "lora"}),
-    ("salf", {"name": "salf", "budget": 0.5}),
+    ("salf", {"name": "salf"}),  # the probe's own cut (its time is in setup_seconds, not in the steps)
     ("ist", {"name": "ist"}),
     ("meft", {"name": "meft"}),
 )
@@ -297,7 +297,8 @@ def _resolve_worker(spec: dict, batch_size: int, output: Path):
         "train": {"max_steps": 100 * spec["steps"], "batch_size": batch_size, "bf16": spec["precision"] == "bf16",
                   "lr_schedule": "constant", "warmup_steps": 0, "seed": spec["seed"], "progress": False,
                   "save_model": False, "eval_before": False, "eval_after": False, "sample_generations": 0,
-                  "device": spec.get("device", "cpu")},
+                  # The same dropout regime for every method: blocks that do not train keep theirs, as in full.
+                  "frozen_dropout": True, "device": spec.get("device", "cpu")},
     }
     return resolve(raw)
 
@@ -307,18 +308,41 @@ def _load_profile(path: str):
     return Profile(**{k: v for k, v in json.loads(Path(path).read_text())["profile"].items() if k in fields})
 
 
-def predicted_phases(profile, plan, n_trainable: int, adapter_only: bool, frozen_eval: bool) -> dict:
-    """The cost model's step time for ``plan`` split into forward, backward and optimizer."""
-    total = profile.predict(plan, n_trainable, adapter_only=adapter_only, frozen_eval=frozen_eval)
-    forward = profile.forward
-    if frozen_eval and profile.forward_blocks_eval:
-        forward += sum(e - t for i, (t, e) in enumerate(zip(profile.forward_blocks, profile.forward_blocks_eval)) if i not in plan.blocks)
-    optimizer = profile.optimizer_per_param * n_trainable
-    return {"forward": forward, "backward": total - forward - optimizer, "optimizer": optimizer, "total": total}
-
-
 def _evaluate(trainer, eval_loader, run) -> dict:
     return evaluate(trainer.model, eval_loader, run.task, run.device, run.cfg.train.bf16)
+
+
+def _predict(spec: dict, run, cfg, train_loader, ran: dict) -> dict:
+    """The cost model's step for the steps in ``ran`` (step -> plan), with the method's adapters timed on its own block."""
+    method = run.method
+    block = BlockCost()
+    if method.adapter_params:
+        batch = {k: v.to(run.device) for k, v in next(iter(train_loader(0))).items()}
+        block = measure_block_cost(run.model, method.anatomy, batch, method.adapter_params, bf16=cfg.train.bf16)
+    return predicted_speedup(_load_profile(spec["profile"]), method, ran, frozen_eval=not cfg.train.frozen_dropout, block=block)
+
+
+def _timing_repeat(spec: dict, run, cfg, train_loader, setup_seconds: float) -> dict:
+    """A repeat of the equal-batch timing alone (no evaluation, no equal-memory run): the same steps, plans and
+    phase clock as the worker's first run, so the report can take medians over interleaved repeats."""
+    trainer = Trainer(run.model, run.method, cfg.train, BatchStream(train_loader), device=run.device)
+    clock = PhaseClock(trainer)
+    rows = []
+    for _ in range(spec["steps"]):
+        before = clock.snapshot()
+        rec = trainer.train_step()
+        after = clock.snapshot()
+        row = {k: after[k] - before[k] for k in after}
+        row.update(other=rec.seconds - sum(row.values()), seconds=rec.seconds, tokens=rec.tokens, plan=rec.plan.describe())
+        rows.append(row)
+    clock.close()
+    timed = rows[1:] if len(rows) > 1 else rows
+    result = {"label": spec["label"], "repeat": spec["repeat"], "setup_seconds": setup_seconds,
+              "step_seconds": statistics.fmean(r["seconds"] for r in timed),
+              "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed),
+              "phases": {k: statistics.fmean(r[k] for r in timed) for k in PHASES}, "plans": sorted({r["plan"] for r in timed})}
+    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def run_worker(spec: dict) -> dict:
@@ -327,8 +351,12 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     work = Path(spec["workdir"])
     cfg, mcfg = _resolve_worker(spec, spec["batch_size"], work / "run")
-    run = Run(cfg, mcfg, log=print, splits=tokenized_splits(cfg))
+    t_setup = time.perf_counter()
+    run = Run(cfg, mcfg, log=print, splits=tokenized_splits(cfg))  # loads the model, prepares the method (SALF probes here)
+    setup_seconds = time.perf_counter() - t_setup
     train_loader, eval_loader = run.loaders()
+    if spec.get("timing_only"):
+        return _timing_repeat(spec, run, cfg, train_loader, setup_seconds)
     trainer = Trainer(run.model, run.method, cfg.train, BatchStream(train_loader), device=run.device)
     clock = PhaseClock(trainer)
     metric = "accuracy" if run.task == "classification" else "loss"
@@ -373,14 +401,10 @@ def run_worker(spec: dict) -> dict:
     tokens = sum(r["tokens"] for r in timed)
     step_seconds = sum(r["seconds"] for r in timed)
     phases = {k: statistics.fmean(r[k] for r in timed) for k in PHASES}
-    # The cost model on the plans these steps really ran.
-    profile = _load_profile(spec["profile"])
+    # The cost model on the plans these steps really ran (uncalibrated: the profile and the method's own block factors).
     method = run.method
     ran = {i: plans[i] for i in range(1, min(steps, len(plans)))} or {0: plans[0]}
-    frozen_eval = not cfg.train.frozen_dropout
-    pred = predicted_speedup(profile, method, list(ran.values()), frozen_eval=frozen_eval)
-    by_plan = {p: predicted_phases(profile, p, sum(q.numel() for q in method.parameters(p)), method.adapter_only, frozen_eval) for p in set(ran.values())}
-    pred["phases"] = {k: statistics.fmean(by_plan[p][k] for p in ran.values()) for k in ("forward", "backward", "optimizer", "total")}
+    pred = _predict(spec, run, cfg, train_loader, ran)
     # Counted FLOPs of one more step on the first timed step's plan (after the quality run: it does not
     # change what was measured), and the rate the steps that ran that plan reached.
     trainer.step_index = rows[1]["step"] if len(rows) > 1 else 0
@@ -390,7 +414,7 @@ def run_worker(spec: dict) -> dict:
                  matrix_rate=spec.get("matrix_rate"))
     result = {
         "label": spec["label"], "method": method.name, "method_config": dataclasses.asdict(mcfg), "precision": spec["precision"],
-        "command": spec["command"], "task": run.task, "metric": metric, "unmodelled": dict(method.unmodelled),
+        "command": spec["command"], "task": run.task, "metric": metric,
         "equal_batch": {
             "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": len(timed),
             "tokens_per_s": tokens / step_seconds, "step_seconds": step_seconds / len(timed),
@@ -398,7 +422,7 @@ def run_worker(spec: dict) -> dict:
             "measured_peak": measured,
             "trainable_parameters_max": trainer.max_trainable,
             "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
-            "phases": phases, "predicted": pred, "plans": sorted({p.describe() for p in ran.values()}),
+            "phases": phases, "predicted": pred, "plans": sorted({p.describe() for p in ran.values()}), "setup_seconds": setup_seconds,
             "steps": timed, "flops": flops, "clock": "cuda_events" if clock.cuda else "perf_counter",
             "machine_gemm_flops_per_s": speed,
             "method_log": {k: v for k, v in method.log_values().items() if isinstance(v, (int, float, str))},
@@ -409,7 +433,14 @@ def run_worker(spec: dict) -> dict:
     # Equal memory: the largest batch within the budget (layerwise plan's prediction), measured there.
     # The plans of the step budget (the run's max_steps only keeps the constant learning rate going).
     budget_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
-    entry = measure_method(budget_cfg, spec["method"], run.task, spec["seq_len"], num_labels=len(run.label_names) if run.label_names else None)
+    mraw = dict(spec["method"])
+    if getattr(method, "probe", None) is not None and mraw.get("probe") is None:
+        # SALF: the equal-memory run (and any timing repeat) trains the cut this run's probe chose, without probing again.
+        work.mkdir(parents=True, exist_ok=True)
+        probe_path = work / "probe.json"
+        probe_path.write_text(json.dumps(method.probe))
+        mraw["probe"] = result["probe_path"] = str(probe_path)
+    entry = measure_method(budget_cfg, mraw, run.task, spec["seq_len"], num_labels=len(run.label_names) if run.label_names else None)
     entry.pop("_method", None)
     full_at = predict(entry, spec["budget_batch"])
     mem = {"prediction": {k: v for k, v in entry.items() if not k.startswith("_") and k != "config"}, "predicted_at_budget_batch": full_at}
@@ -537,6 +568,9 @@ def run_suite(args) -> dict:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ConfigError(f"--precisions: choose from {', '.join(PRECISIONS)}")
     labels = _labels(args.methods)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: use 1 or more")
     device = _suite_device(getattr(args, "device", None))
     skipped = {}
     # On CPU only: asking CUDA would initialize it in the driver, and forked workers could not use it then.
@@ -555,7 +589,8 @@ def run_suite(args) -> dict:
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     command = "layerwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "layerwise bench --suite paper"
     report = {"command": command, "quick": bool(args.quick), "machine": {**_machine(), "device": device}, "methods": [label for label, _ in labels],
-              "precisions": precisions, "skipped_precisions": skipped, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD}
+              "precisions": precisions, "skipped_precisions": skipped, "models": {}, "threshold_percent_of_ideal": OVERHEAD_THRESHOLD,
+              "repeats": repeats, "cost_model_tolerance": COST_MODEL_TOLERANCE}
     t_start = time.perf_counter()
     for model in models:
         path = model
@@ -625,6 +660,22 @@ def run_suite(args) -> dict:
                     entry.setdefault("memory_budget_bytes", {})[prec] = budget_mem
                 eb = res["equal_batch"]
                 print(f"{eb['tokens_per_s']:.0f} tokens/s, {eb['memory']['total'] / 2**20:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+            # Repeats of the equal-batch timing alone, every method in turn (interleaved): medians in the report.
+            for rep in range(2, repeats + 1):
+                for label, _ in labels:
+                    first = runs[label]
+                    spec = json.loads((out / "specs" / f"{model}-{prec}-{label}.json").read_text())
+                    if first.get("probe_path"):
+                        spec["method"] = {**spec["method"], "probe": first["probe_path"]}
+                    name = f"{model}-{prec}-{label}-r{rep}"
+                    spec.update(timing_only=True, repeat=rep, result=str(out / "results" / f"{name}.json"), workdir=str(out / "work" / name),
+                                command=f"layerwise measure worker {out / 'specs' / f'{name}.json'}")
+                    (out / "specs" / f"{name}.json").write_text(json.dumps(spec, indent=2))
+                    print(f"[{model} {prec}] {label} repeat {rep} ...", end=" ", flush=True)
+                    in_process(run_worker, out / "logs" / f"{name}.log", spec)
+                    res = json.loads(Path(spec["result"]).read_text())
+                    first.setdefault("repeats", []).append(res)
+                    print(f"{res['tokens_per_s']:.0f} tokens/s", flush=True)
     if not args.no_scaling:
         report["scaling"] = _scaling(out, preset, threads, report)
     report["wall_seconds"] = time.perf_counter() - t_start

@@ -83,8 +83,6 @@ class Method:
     #: rest of the sentence "train.fsdp=true with NAME ..." that says so and names the fix.
     fsdp_ok: ClassVar[bool] = False
     fsdp_refusal: ClassVar[str] = ""
-    #: Work a step does beyond its plan's forward and backward, which the cost model does not charge: phase -> what.
-    unmodelled: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any, anatomy: Anatomy, *, task: str = "classification", seed: int = 0, max_steps: int = 0):
         self.config = config
@@ -126,6 +124,15 @@ class Method:
     def before_step(self, step: int) -> None:
         """Called at the start of every optimizer step, before :meth:`plan`; its time is
         counted in the step's time (so a method's own overhead is never hidden)."""
+
+    def recomputed_blocks(self) -> tuple[int, ...]:
+        """Blocks whose forward runs again during backward (the cost model charges it)."""
+        return ()
+
+    def extra_forward_examples(self, step: int) -> int:
+        """Examples :meth:`before_step` runs forward at ``step``, without gradients and in eval mode, beside the
+        step's own batch (the cost model charges them at the profiled per-example forward time)."""
+        return 0
 
     def log_values(self) -> dict:
         """Extra values for the current ``metrics.jsonl`` row (JSON-serialisable)."""

@@ -113,7 +113,6 @@ class Ist(Method):
     Config = IstConfig
     adapter_only = True
     switching = trainer_ok = True
-    unmodelled = {"method_hook": "importance loop: probe forward passes every probe_every steps"}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
@@ -224,6 +223,11 @@ class Ist(Method):
         if self._current is None or self._current[0] != step:
             self._current = (step, self.select(step))
         return Plan(self._current[1], embeddings=False, head=True)
+
+    def extra_forward_examples(self, step: int) -> int:
+        """The importance loop's probe forwards, on the steps where it runs."""
+        every = self.config.probe_every
+        return self.config.probes * self.config.importance_batch_size if every and step > 0 and step % every == 0 else 0
 
     def before_step(self, step: int) -> None:
         every = self.config.probe_every

@@ -339,7 +339,6 @@ class Meft(Method):
     name = "meft"
     Config = MeftConfig
     adapter_only = trainer_ok = True
-    unmodelled = {"backward": "reversible backward: block inputs recomputed from outputs"}
 
     def __init__(self, config, anatomy, **kw):
         super().__init__(config, anatomy, **kw)
@@ -365,6 +364,10 @@ class Meft(Method):
     def plan(self, step: int) -> Plan:
         blocks = tuple(layer.index for layer in self.runner.stack.layers) if self.runner else tuple(range(self.num_blocks))
         return Plan(blocks, embeddings=False, head=self.train_head)
+
+    def recomputed_blocks(self) -> tuple[int, ...]:
+        """Reversible blocks run forward without a graph; backward runs each one's forward again to differentiate it."""
+        return tuple(layer.index for layer in self.runner.stack.layers) if self.runner else ()
 
     def log_values(self) -> dict:
         if self.runner is None or not self.runner.stack.errors:

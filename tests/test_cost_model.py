@@ -1,0 +1,100 @@
+"""The cost model charges what really trains and runs, and its uncalibrated prediction meets a measured step."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+
+import pytest
+import torch
+from conftest import batch_for, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from layerwise.anatomy import find_anatomy
+from layerwise.engine import Trainer
+from layerwise.engine.settings import TrainConfig
+from layerwise.measure.costmodel import charge_for, full_charge, measure_block_cost, profile_model
+from layerwise.methods import method_config, setup
+
+
+def tied_llama(layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        pad_token_id=0, tie_word_embeddings=True))
+
+
+def prepared(raw: dict, model, max_steps: int = 8):
+    return setup(method_config(raw), model, task="causal_lm", max_steps=max_steps)
+
+
+def test_charge_reads_what_trains():
+    method, _ = prepared({"name": "full"}, tiny_llama())
+    c = charge_for(method, method.plan(0))
+    assert c.trainable_blocks == (0, 1, 2, 3) and c.embeddings and c.head_weight and not c.adapter_only
+
+    # LoRA's plan names the embeddings and the head, but only adapters train: no embedding backward, no head weight gradient.
+    method, _ = prepared({"name": "lora"}, tiny_llama())
+    plan = method.plan(0)
+    assert plan.embeddings and plan.head
+    c = charge_for(method, plan)
+    assert c.trainable_blocks == (0, 1, 2, 3) and c.adapter_blocks == (0, 1, 2, 3)
+    assert not c.embeddings and not c.head_weight and c.adapter_only
+    assert c.n_trainable == sum(p.numel() for p in method.parameters(plan)) < 10_000
+
+    # A tied LM head: the head group holds only the final norm, so LIFT with head "always" computes no head weight gradient;
+    # untied, the same plan trains lm_head's weight.
+    for model, head_weight in ((tied_llama(), False), (tiny_llama(), True)):
+        method, _ = prepared({"name": "lift", "switch_every": 2}, model)
+        c = charge_for(method, method.plan(0))
+        assert c.trainable_blocks == (3,) and not c.embeddings and c.head_weight is head_weight
+
+    method, _ = prepared({"name": "meft"}, tiny_llama())
+    assert charge_for(method, method.plan(0)).recomputed_blocks == (0, 1, 2, 3)
+
+    method, _ = prepared({"name": "ist", "probe_every": 5, "probes": 2, "importance_batch_size": 3}, tiny_llama())
+    assert [charge_for(method, method.plan(0), step).extra_forward_examples for step in (0, 4, 5, 10)] == [0, 0, 6, 6]
+
+
+def test_frozen_head_and_embeddings_cost_less_in_the_profile():
+    model = tiny_llama(layers=2)
+    prof = profile_model(model, find_anatomy(model), batch_for(model, 8, 32), reps=2)
+    assert 0 < prof.backward_head_frozen < prof.backward_head
+    assert prof.batch_size == 8 and prof.clip_per_param > 0 and prof.optimizer_per_param > 0
+    full = full_charge(prof)
+    no_head = dataclasses.replace(full, head_weight=False, embeddings=False)
+    assert prof.predict(no_head) < prof.predict(full)
+
+
+def _measured_step(model, raw: dict, batch: dict, steps: int = 7) -> tuple[float, object, object]:
+    method, model = prepared(raw, model, max_steps=steps)
+    tcfg = TrainConfig(max_steps=steps, batch_size=batch["input_ids"].shape[0], warmup_steps=0, progress=False, device="cpu",
+                       frozen_dropout=True)
+    trainer = Trainer(model, method, tcfg, iter(lambda: batch, None), device=torch.device("cpu"))
+    times = [trainer.train_step().seconds for _ in range(steps)]
+    return statistics.median(times[1:]), method, model
+
+
+def test_uncalibrated_prediction_meets_a_measured_step():
+    """LoRA on a decoder whose output layer dominates the step: the model must not charge lm_head's weight gradient
+    nor the embeddings' backward, which do not happen (the earlier charge of both misses by far more than the tolerance)."""
+    torch.manual_seed(0)
+    # One narrow-MLP block under a 30,522 x 1,024 output layer: lm_head's weight gradient alone would be about a third
+    # of LoRA's step.
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=1024, intermediate_size=256, num_hidden_layers=1, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg)
+    batch = batch_for(base, 8, 16)
+    # Profile, then measure, in turn, three times: each round's ratios, then their medians (the machine may be shared).
+    right, wrong = [], []
+    for _ in range(3):
+        plain = copy.deepcopy(base)
+        prof = profile_model(plain, find_anatomy(plain), batch, reps=2)
+        step, method, model = _measured_step(copy.deepcopy(base), {"name": "lora"}, batch)
+        block = measure_block_cost(model, method.anatomy, batch, method.adapter_params)
+        charge = charge_for(method, method.plan(1), 1)
+        right.append(prof.predict(charge, block) / step)
+        wrong.append(prof.predict(dataclasses.replace(charge, head_weight=True, embeddings=True), block) / step)
+    assert statistics.median(right) == pytest.approx(1.0, abs=0.25), right
+    assert statistics.median(wrong) > 1.25, (wrong, right)
