@@ -32,6 +32,7 @@ from layerwise.measure import meft as meft_reports  # noqa: E402
 from layerwise.measure.bench import run_bench  # noqa: E402
 from layerwise.measure.gpu_check import write_report as write_gpu_check_report  # noqa: E402
 from layerwise.measure.memory import plan_command  # noqa: E402
+from layerwise.measure.peers import run_peer  # noqa: E402
 from layerwise.measure.profile import profile_methods  # noqa: E402
 from layerwise.measure.quality import write_report as write_quality_report  # noqa: E402
 from layerwise.measure.suite import run_scaling, run_suite, run_worker  # noqa: E402
@@ -63,7 +64,8 @@ def _train_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run methods side by side (one subprocess each) and compare cost")
     p.add_argument("config", nargs="?", help="YAML config shared by every method (optional)")
-    p.add_argument("--methods", help="comma-separated method names (default full,lift,lisa,freeze,lora; with --suite: every suite method)")
+    p.add_argument("--methods", help="comma-separated method names (default full,lift,lisa,freeze,lora; with --suite: every suite method); "
+                   "peers run through their own libraries: badam (pip install 'layerwise[peers]'), peft_lora")
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--steps", type=int, default=30)
@@ -120,6 +122,10 @@ def _measure_parser(sub) -> None:
     prof.add_argument("--methods", required=True)
     prof.add_argument("--steps", type=int, required=True)
     prof.add_argument("--output", required=True)
+    peer = what.add_parser("peer", help="one peer library's run on a bench config (BAdam, a plain PEFT loop; bench's peer entries)")
+    peer.add_argument("config", help="a bench folder's configs/PEER.yaml")
+    peer.add_argument("--peer", required=True, help="badam or peft_lora")
+    peer.add_argument("--output", required=True)
     meft = what.add_parser("meft", help="MEFT: reconstruction error by depth, gradient error, saved bytes (docs/meft.md)")
     meft.add_argument("report", choices=["errors", "grads", "memory"])
     meft.add_argument("model", nargs="?", default="minilm")
@@ -284,7 +290,9 @@ def cmd_measure(args) -> int:
         spec = _read_json(args.spec)
         (run_worker if args.what == "worker" else run_scaling)(spec)
     elif args.what == "profile":
-        profile_methods(args.config, args.methods.split(","), args.steps, args.output)
+        profile_methods(args.config, [m for m in args.methods.split(",") if m], args.steps, args.output)
+    elif args.what == "peer":
+        run_peer(args.config, args.peer, args.output)
     elif args.what == "gpu-check-report":
         print(f"summary: {write_gpu_check_report(args.out_dir)}")
     elif args.what == "quality-report":

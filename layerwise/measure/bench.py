@@ -22,6 +22,7 @@ import yaml
 
 from layerwise.config import resolve
 from layerwise.errors import ConfigError
+from layerwise.measure.peers import PEERS
 from layerwise.measure.report import fmt
 from layerwise.methods import METHODS
 from layerwise.models import count_blocks
@@ -129,11 +130,18 @@ def run_bench(args, base_raw: dict) -> list[dict]:
     raws = {}
     for label in methods:
         variant = variants.get(label)
+        if label in PEERS and variant is None:
+            # A peer runs its own library on this config; the method named here only fills the config (ignored).
+            raws[label] = {**copy.deepcopy(base), "method": {"name": "full"}}
+            resolve(raws[label])
+            continue
         name = (variant or {}).get("name", label)
         raw = method_raw(base, name, args.steps, num_blocks, variant)
         resolve(raw)
         check_whole_passes(label, raw["method"], args.steps, num_blocks)
         raws[label] = raw
+    peers = [label for label in methods if label in PEERS and label not in variants]
+    ours = [label for label in methods if label not in peers]
     if "full" not in methods:
         print("note: 'full' is not among --methods; ratios are left empty", file=sys.stderr)
 
@@ -144,7 +152,8 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         inside(out / "configs", f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
     print(f"profiling per-block cost on {model_spec} (batch {args.batch_size} x {args.seq_len})", flush=True)
-    prof_cmd = [sys.executable, "-m", "layerwise", "measure", "profile", str(out / "configs" / f"{methods[0]}.yaml"), "--methods", ",".join(methods), "--steps", str(args.steps), "--output", str(out / "profile.json")]
+    prof_cmd = [sys.executable, "-m", "layerwise", "measure", "profile", str(out / "configs" / f"{(ours or methods)[0]}.yaml"),
+                "--methods", ",".join(ours), "--steps", str(args.steps), "--output", str(out / "profile.json")]
     _run(prof_cmd, out / "runs" / "profile.log")
     profile = json.loads((out / "profile.json").read_text())
 
@@ -155,6 +164,9 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         for name in methods:
             run_dir = out / "runs" / f"{name}-{rep}"
             cmd = [sys.executable, "-m", "layerwise", "train", str(out / "configs" / f"{name}.yaml"), "--output", str(run_dir)]
+            if name in peers:
+                cmd = [sys.executable, "-m", "layerwise", "measure", "peer", str(out / "configs" / f"{name}.yaml"), "--peer", name,
+                       "--output", str(run_dir)]
             own_cache = None
             if raws[name].get("train", {}).get("prefix_cache", "off") not in ("off", False) and not raws[name]["train"].get("prefix_cache_dir"):
                 # Each run builds its own frozen-prefix cache, so every repeat's tokens/s includes the build
@@ -184,7 +196,8 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         summary["accounted_over_measured"] = accounted / summary["measured_peak"] if summary["measured_peak"] else None
         summary["predicted"] = profile["methods"].get(name)
         summary["label"] = name
-        summary["frozen_dropout"] = bool(raws[name].get("train", {}).get("frozen_dropout", False))
+        # A peer's plain loop keeps every block in train mode (dropout on everywhere).
+        summary["frozen_dropout"] = name in peers or bool(raws[name].get("train", {}).get("frozen_dropout", False))
         results.append(summary)
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:

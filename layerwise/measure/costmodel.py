@@ -117,6 +117,9 @@ class Profile:
     forward_blocks_eval: list[float] | None = None
     """Forward time of each block in eval mode (no dropout): what a block that does not train
     costs when ``train.frozen_dropout`` is off."""
+    forward_blocks_nograd: list[float] | None = None
+    """Forward time of each block in train mode without recording a graph: a block below the lowest trainable one (or
+    one that MEFT runs reversibly) saves nothing for backward."""
     backward_head_frozen: float | None = None
     """The head's backward with its weights frozen (only the gradient for the blocks below)."""
     clip_per_param: float = 0.0
@@ -133,14 +136,17 @@ class Profile:
         (zero_grad); ``total``, and ``per_parameter`` (the part that does not grow with the batch)."""
         L = len(self.forward_blocks)
         f_eval = self.forward_blocks_eval or self.forward_blocks
+        f_nograd = self.forward_blocks_nograd or self.forward_blocks
+        lowest = -1 if charge.embeddings else (min(charge.trainable_blocks) if charge.trainable_blocks else None)
 
-        def block_forward(i: int, mode_eval: bool) -> float:
-            t = f_eval[i] if mode_eval else self.forward_blocks[i]
+        def block_forward(i: int, mode_eval: bool, graph: bool = True) -> float:
+            t = f_eval[i] if mode_eval else (self.forward_blocks[i] if graph else f_nograd[i])
             return t * (block.forward_factor if i in charge.adapter_blocks else 1.0)
 
-        forward = self.forward_embeddings + self.forward_head + sum(block_forward(i, i in charge.eval_blocks) for i in range(L))
+        # A block records a graph when backward will reach it and it is not run reversibly (MEFT recomputes it instead).
+        graph = [lowest is not None and i >= lowest and i not in charge.recomputed_blocks for i in range(L)]
+        forward = self.forward_embeddings + self.forward_head + sum(block_forward(i, i in charge.eval_blocks, graph[i]) for i in range(L))
         backward = 0.0
-        lowest = -1 if charge.embeddings else (min(charge.trainable_blocks) if charge.trainable_blocks else None)
         head_frozen = self.backward_head if self.backward_head_frozen is None else self.backward_head_frozen
         if lowest is not None:
             backward += self.backward_head if charge.head_weight else head_frozen
@@ -407,6 +413,15 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
                 frozen_head.append(bwd_log[("out", L - 1)] - t1)
         for p in head_params:
             p.requires_grad_(True)
+        # Forward of every block in train mode without a graph, for blocks below the lowest trainable one.
+        nograd_rows = []
+        with torch.no_grad():
+            for rep in range(reps + 1):
+                fwd_log.clear()
+                with (ctx() if ctx else contextlib.nullcontext()):
+                    model(**batch)
+                if rep:
+                    nograd_rows.append([fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)])
         # Forward of every block in eval mode (no dropout), for blocks that do not train.
         model.eval()
         eval_rows = []
@@ -450,6 +465,7 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         step_seconds=med("step"),
         total_params=n,
         forward_blocks_eval=[statistics.median(r[i] for r in eval_rows) for i in range(L)],
+        forward_blocks_nograd=[statistics.median(r[i] for r in nograd_rows) for i in range(L)],
     )
 
 
