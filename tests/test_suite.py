@@ -185,6 +185,25 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
     assert checked > 40 * len(PRECISIONS)
 
 
+def test_predictions_come_from_the_median_profile(suite):
+    """One profile per repeat round; every prediction is the recorded charges priced by their median profile."""
+    from layerwise.measure.costmodel import median_profile, predict_charges
+    from layerwise.measure.suite import _load_profile
+
+    out, data, _ = suite
+    entry = data["models"]["tiny-llama"]
+    for prec in PRECISIONS:
+        profiles = [_load_profile(out / p["path"]) for p in entry["profiles"][prec]]
+        assert len(profiles) == data["repeats"] == 2
+        med = median_profile(profiles)
+        assert med.forward_blocks == [(a + b) / 2 for a, b in zip(profiles[0].forward_blocks, profiles[1].forward_blocks)]
+        for run in entry["runs"][prec].values():
+            eb = run["equal_batch"]
+            again = predict_charges(med, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
+            assert eb["predicted"]["phases"] == pytest.approx(again["phases"])
+            assert len(eb["predicted"]["charges"]) == eb["timed_steps"] and "predicted_first_profile" in eb
+
+
 def test_docs_page_links_resolve(suite, tmp_path):
     from layerwise.measure.report import write_docs
 

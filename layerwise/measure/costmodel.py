@@ -24,6 +24,7 @@ whose adapters train, and 0 below the lowest. docs/cost-model.md has every term.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -472,10 +473,33 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
 def predicted_speedup(profile: Profile, method: Method, steps: dict[int, Plan], frozen_eval: bool = False,
                       block: BlockCost = BlockCost()) -> dict:
     """Predicted step time of ``method`` over the ``steps`` it ran (step index -> plan), by phase and in total,
-    and the tokens/s ratio over full fine-tuning's predicted step."""
-    t_full = profile.predict(full_charge(profile))
-    per_step = [profile.phases(charge_for(method, plan, step, frozen_eval), block) for step, plan in steps.items()]
+    and the tokens/s ratio over full fine-tuning's predicted step; ``charges`` and ``block_cost`` keep what was
+    charged, so :func:`predict_charges` can predict the same steps from another profile."""
+    charges = [asdict(charge_for(method, plan, step, frozen_eval)) for step, plan in steps.items()]
+    return predict_charges(profile, charges, asdict(block))
+
+
+def predict_charges(profile: Profile, charges: list[dict], block: dict) -> dict:
+    """:func:`predicted_speedup` from recorded charges (``Charge`` fields as JSON) and block factors."""
+    cost = BlockCost(**block)
+    per_step = [profile.phases(Charge(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}), cost) for c in charges]
     keys = ("method_hook", "forward", "backward", "optimizer", "other", "total")
     phases = {k: statistics.fmean(ph[k] for ph in per_step) for k in keys}
+    t_full = profile.predict(full_charge(profile))
     return {"predicted_step_seconds": phases["total"], "predicted_full_step_seconds": t_full,
-            "predicted_speedup": t_full / phases["total"], "phases": phases, "block_cost": asdict(block)}
+            "predicted_speedup": t_full / phases["total"], "phases": phases, "block_cost": block, "charges": charges}
+
+
+def median_profile(profiles: list[Profile]) -> Profile:
+    """Each measured time the median over ``profiles`` (per block for the per-block lists): profiles taken at several
+    moments of a shared machine, so that one slow or fast moment does not move every prediction."""
+    def med(values):
+        first = values[0]
+        if isinstance(first, list):
+            return [statistics.median(v[i] for v in values) for i in range(len(first))]
+        if isinstance(first, float):
+            return statistics.median(values)
+        return first  # counts (parameters, batch size): the same in every profile
+
+    fields = [f.name for f in dataclasses.fields(Profile)]
+    return Profile(**{name: med([getattr(p, name) for p in profiles]) for name in fields})

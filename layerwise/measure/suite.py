@@ -54,7 +54,14 @@ from layerwise.engine.settings import TrainConfig
 from layerwise.engine.trainer import BatchStream
 from layerwise.errors import ConfigError
 from layerwise.measure.bench import method_raw
-from layerwise.measure.costmodel import BlockCost, Profile, measure_block_cost, predicted_speedup
+from layerwise.measure.costmodel import (
+    BlockCost,
+    Profile,
+    measure_block_cost,
+    median_profile,
+    predict_charges,
+    predicted_speedup,
+)
 from layerwise.measure.memory import max_batch, measure_method, predict, repeat_batch, synthetic_batch
 from layerwise.measure.profile import profile_methods
 from layerwise.measure.report import COST_MODEL_TOLERANCE, OVERHEAD_THRESHOLD, PHASES, render, write_docs
@@ -615,13 +622,19 @@ def run_suite(args) -> dict:
                                              "max_train_samples": size["train_samples"]},
                     "train": {"batch_size": size["batch_size"], "bf16": prec == "bf16", "device": device}, "method": {"name": "full"}}
             (cfg_dir / "full.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
-            prof_path = out / "results" / f"{model}-{prec}-profile.json"
-            print(f"[{model} {prec}] profiling the cost model ...", flush=True)
             base_cfg, _ = resolve(base)
-            in_process(profile_methods, out / "logs" / f"{model}-{prec}-profile.log", cfg_dir / "full.yaml", ["full"], 2, prof_path,
-                       tokenized_splits(base_cfg))
-            command = ["layerwise", "measure", "profile", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(prof_path)]
-            entry["profiles"][prec] = {"path": str(prof_path.relative_to(out)), "command": " ".join(shlex.quote(a) for a in command)}
+
+            def profile(rep: int) -> Path:
+                """One profiled full step, in its own process: one per repeat round, before it (their median predicts)."""
+                path = out / "results" / f"{model}-{prec}-profile{'' if rep == 1 else f'-r{rep}'}.json"
+                print(f"[{model} {prec}] profiling the cost model ...", flush=True)
+                in_process(profile_methods, out / "logs" / f"{path.stem}.log", cfg_dir / "full.yaml", ["full"], 2, path,
+                           tokenized_splits(base_cfg))
+                command = ["layerwise", "measure", "profile", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(path)]
+                entry["profiles"].setdefault(prec, []).append({"path": str(path.relative_to(out)), "command": " ".join(shlex.quote(a) for a in command)})
+                return path
+
+            prof_path = profile(1)
             rate_path = out / "results" / f"{model}-{prec}-matrix-rate.json"
             in_process(_write_matrix_rate, out / "logs" / f"{model}-{prec}-matrix-rate.log", rate_path, device, prec, threads)
             entry.setdefault("matrix_rate", {})[prec] = rate = json.loads(rate_path.read_text())
@@ -662,6 +675,7 @@ def run_suite(args) -> dict:
                 print(f"{eb['tokens_per_s']:.0f} tokens/s, {eb['memory']['total'] / 2**20:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
             # Repeats of the equal-batch timing alone, every method in turn (interleaved): medians in the report.
             for rep in range(2, repeats + 1):
+                profile(rep)
                 for label, _ in labels:
                     first = runs[label]
                     spec = json.loads((out / "specs" / f"{model}-{prec}-{label}.json").read_text())
@@ -676,6 +690,13 @@ def run_suite(args) -> dict:
                     res = json.loads(Path(spec["result"]).read_text())
                     first.setdefault("repeats", []).append(res)
                     print(f"{res['tokens_per_s']:.0f} tokens/s", flush=True)
+            if repeats > 1:
+                # Every prediction from the median of the round's profiles; the first profile's kept beside it.
+                med = median_profile([_load_profile(out / p["path"]) for p in entry["profiles"][prec]])
+                for run in runs.values():
+                    eb = run["equal_batch"]
+                    eb["predicted_first_profile"] = eb["predicted"]
+                    eb["predicted"] = predict_charges(med, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
     if not args.no_scaling:
         report["scaling"] = _scaling(out, preset, threads, report)
     report["wall_seconds"] = time.perf_counter() - t_start
