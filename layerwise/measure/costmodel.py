@@ -271,7 +271,7 @@ def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[flo
 
 
 def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: set[int], *, bf16: bool = False,
-                       reps: int = 3) -> BlockCost:
+                       rounds: int = 7) -> BlockCost:
     """Forward and backward factors of the method's adapters, on its middle block: the block's inputs are captured
     in one forward of ``model`` (the method's prepared model), then the block is timed with its peft adapters
     disabled (full backward: the reference of the profile's fractions) and enabled (only adapters trainable)."""
@@ -298,22 +298,28 @@ def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: s
     base = [p for p in block.parameters() if id(p) not in adapter_params]
     was_training, saved = block.training, [(p, p.requires_grad) for p in block.parameters()]
     block.train()
+    ratios = []
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            for m in tuners:
-                m.enable_adapters(False)
-            f_off, b_full = _time_block(block, args, kwargs, base, True, reps)
-            for m in tuners:
-                m.enable_adapters(True)
-            f_on, b_ax = _time_block(block, args, kwargs, adapters, True, reps)
-            b_a = _time_block(block, args, kwargs, adapters, False, reps)[1]
+            # Rounds of the three modes in turn, each round's ratios kept: a slow moment of a shared machine hits a
+            # round's three timings alike, and the median over rounds leaves the rest out.
+            for _ in range(rounds):
+                for m in tuners:
+                    m.enable_adapters(False)
+                f_off, b_full = _time_block(block, args, kwargs, base, True, 1)
+                for m in tuners:
+                    m.enable_adapters(True)
+                f_on, b_ax = _time_block(block, args, kwargs, adapters, True, 1)
+                b_a = _time_block(block, args, kwargs, adapters, False, 1)[1]
+                ratios.append((f_on / f_off, b_ax / b_full, b_a / b_full))
     finally:
         for m in tuners:
             m.enable_adapters(True)
         for p, rg in saved:  # enable_adapters sets requires_grad on the adapters: put back what the method set
             p.requires_grad_(rg)
         block.train(was_training)
-    return BlockCost(forward_factor=f_on / f_off, adapter_fraction=b_ax / b_full, adapter_lowest_fraction=b_a / b_full)
+    forward, adapter, lowest = (statistics.median(r[k] for r in ratios) for k in range(3))
+    return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest)
 
 
 def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16: bool = False) -> Profile:

@@ -83,6 +83,17 @@ def run_peer(config: str | Path, peer: str, output: str | Path) -> dict:
         model, opt, settings = _badam(model, anatomy, cfg, lr)
     else:
         model, opt, settings = _peft_lora(model, anatomy, cfg, lr, run.task)
+    # Optimizer state right after the inner AdamW's step: BAdam empties it on every block switch, inside its step().
+    inner = getattr(opt, "base_optimizer", opt)
+    state_bytes = [0]
+    inner_step = inner.step
+
+    def counted_step(*args, **kwargs):
+        out = inner_step(*args, **kwargs)
+        state_bytes[0] = sum(t.nbytes for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+        return out
+
+    inner.step = counted_step
     meter = SavedTensorMeter(model)
     weights = param_bytes(model)
     peak = {"weights": weights, "grads": 0, "optimizer": 0, "activations": 0, "total": 0}
@@ -106,9 +117,7 @@ def run_peer(config: str | Path, peer: str, output: str | Path) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        state = getattr(opt, "base_optimizer", opt).state
-        optimizer = sum(t.nbytes for s in state.values() for t in s.values() if torch.is_tensor(t))
-        now = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": meter.last_bytes}
+        now = {"weights": weights, "grads": grads, "optimizer": state_bytes[0], "activations": meter.last_bytes}
         now["total"] = sum(now.values())
         peak = {k: max(peak[k], v) for k, v in now.items()}
         trainable_max = max(trainable_max, sum(p.numel() for p in params))
