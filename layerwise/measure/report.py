@@ -175,9 +175,10 @@ def render(report: dict, out: Path) -> str:
         "over the training window (RSS on CPU, `max_memory_allocated` on CUDA); **measured saving x** = full's / the method's. "
         "**Accounted** memory is layerwise's meter: weights + gradients + optimizer state + bytes saved for backward, each at "
         "its peak (summary.json `memory.total`), kept as a breakdown.",
-        "- **Cost model** (docs/cost-model.md): the step time predicted for the plans the timed steps ran, from one profiled "
-        "full fine-tuning step (per-block forward and backward, head with and without its weight gradient, clipping, AdamW and "
-        "zero_grad per parameter) and the method's own block factors (adapters, recomputation, importance-loop forwards); "
+        "- **Cost model** (docs/cost-model.md): the step time predicted for what the timed steps trained and ran, from profiled "
+        "full fine-tuning steps (one before each repeat round, the median of each measured time: per-block forward with and "
+        "without a graph and backward, head with and without its weight gradient, clipping, AdamW and zero_grad per parameter) "
+        "and the method's own block factors (adapters, recomputation, importance-loop forwards); "
         "**not calibrated** on any measured run. **pred / meas** compares it with the measured median step; "
         f"within {100 * report.get('cost_model_tolerance', 0.15):.0f}% is marked yes. **ideal x** = full's predicted step / "
         "the method's; **% of ideal** = measured gain / ideal x. "
