@@ -239,7 +239,9 @@ def cmd_bench(args) -> int:
     if suite_only:
         raise ConfigError(f"{', '.join(suite_only)} only apply with --suite paper")
     args.methods = args.methods or "full,lift,lisa,freeze,lora"
-    args.repeats = args.repeats or 1
+    args.repeats = 1 if args.repeats is None else args.repeats
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: use 1 or more")
     run_bench(args, build_raw_config(args))
     return 0
 

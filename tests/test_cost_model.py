@@ -40,7 +40,7 @@ def test_charge_reads_what_trains():
     assert plan.embeddings and plan.head
     c = charge_for(method, plan)
     assert c.trainable_blocks == (0, 1, 2, 3) and c.adapter_blocks == (0, 1, 2, 3)
-    assert not c.embeddings and not c.head_weight and c.adapter_only
+    assert not c.embeddings and not c.head_weight and not c.head_group and c.adapter_only
     assert c.n_trainable == sum(p.numel() for p in method.parameters(plan)) < 10_000
 
     # A tied LM head: the head group holds only the final norm, so LIFT with head "always" computes no head weight gradient;
@@ -48,7 +48,7 @@ def test_charge_reads_what_trains():
     for model, head_weight in ((tied_llama(), False), (tiny_llama(), True)):
         method, _ = prepared({"name": "lift", "switch_every": 2}, model)
         c = charge_for(method, method.plan(0))
-        assert c.trainable_blocks == (3,) and not c.embeddings and c.head_weight is head_weight
+        assert c.trainable_blocks == (3,) and not c.embeddings and c.head_weight is head_weight and c.head_group
 
     method, _ = prepared({"name": "meft"}, tiny_llama())
     assert charge_for(method, method.plan(0)).recomputed_blocks == (0, 1, 2, 3)
@@ -60,11 +60,14 @@ def test_charge_reads_what_trains():
 def test_frozen_head_and_embeddings_cost_less_in_the_profile():
     model = tiny_llama(layers=2)
     prof = profile_model(model, find_anatomy(model), batch_for(model, 8, 32), reps=2)
-    assert 0 < prof.backward_head_frozen < prof.backward_head
+    assert prof.backward_head_frozen > 0 and prof.backward_head > 0 and prof.backward_embeddings > 0
     assert prof.batch_size == 8 and prof.clip_per_param > 0 and prof.optimizer_per_param > 0
+    assert len(prof.forward_blocks_nograd) == len(prof.forward_blocks) == 2
     full = full_charge(prof)
     no_head = dataclasses.replace(full, head_weight=False, embeddings=False)
-    assert prof.predict(no_head) < prof.predict(full)
+    # Without the head's weight gradient and the embeddings' backward, exactly those two measured times come off.
+    saved = prof.backward_head - prof.backward_head_frozen + prof.backward_embeddings
+    assert prof.predict(full) - prof.predict(no_head) == pytest.approx(saved)
 
 
 def _measured_step(model, raw: dict, batch: dict, steps: int = 7) -> tuple[float, object, object]:

@@ -168,7 +168,8 @@ def run_bench(args, base_raw: dict) -> list[dict]:
                 cmd = [sys.executable, "-m", "layerwise", "measure", "peer", str(out / "configs" / f"{name}.yaml"), "--peer", name,
                        "--output", str(run_dir)]
             own_cache = None
-            if raws[name].get("train", {}).get("prefix_cache", "off") not in ("off", False) and not raws[name]["train"].get("prefix_cache_dir"):
+            if name not in peers and raws[name].get("train", {}).get("prefix_cache", "off") not in ("off", False) \
+                    and not raws[name]["train"].get("prefix_cache_dir"):
                 # Each run builds its own frozen-prefix cache, so every repeat's tokens/s includes the build
                 # (a shared folder would let repeat 2 reuse repeat 1's cache).
                 own_cache = out / "runs" / f"{name}-{rep}-prefix-cache"

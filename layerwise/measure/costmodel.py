@@ -90,6 +90,8 @@ class Charge:
     head_weight: bool
     """A parameter of the head modules trains (for a tied head: the embedding matrix)."""
     n_trainable: int
+    head_group: bool = False
+    """A parameter of the head group trains (the final norm included): backward starts even when no block trains."""
     adapter_only: bool = False
     adapter_blocks: tuple[int, ...] = ()
     """Blocks that carry adapters: their forward costs ``BlockCost.forward_factor``."""
@@ -169,6 +171,9 @@ class Profile:
         elif charge.head_weight:
             # Only the head trains: its weight gradient, none for the blocks below.
             backward += max(self.backward_head - head_frozen, 0.0)
+        elif charge.head_group:
+            # Only the final norm (a tied head's group): the gradient crosses the output layer to reach it.
+            backward += head_frozen
         hook = charge.extra_forward_examples / self.batch_size * (
             self.forward_embeddings + self.forward_head + sum(block_forward(i, True) for i in range(L)))
         n = charge.n_trainable
@@ -203,6 +208,7 @@ def charge_for(method: Method, plan: Plan, step: int | None = None, frozen_eval:
         trainable_blocks=blocks,
         embeddings=in_group("embeddings"),
         head_weight=head_weight,
+        head_group=in_group("head"),
         n_trainable=sum(p.numel() for p in trainable.values()),
         adapter_only=method.adapter_only,
         adapter_blocks=adapters,
@@ -214,7 +220,8 @@ def charge_for(method: Method, plan: Plan, step: int | None = None, frozen_eval:
 
 def full_charge(profile: Profile) -> Charge:
     """Full fine-tuning: every parameter trains."""
-    return Charge(tuple(range(len(profile.backward_blocks))), embeddings=True, head_weight=True, n_trainable=profile.total_params)
+    return Charge(tuple(range(len(profile.backward_blocks))), embeddings=True, head_weight=True, head_group=True,
+                  n_trainable=profile.total_params)
 
 
 def _detached(args, kwargs):
@@ -406,20 +413,22 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         # The head's backward with its weights frozen (a plan whose head does not train still sends the gradient
         # through it); a tied LM head's weight is the embedding matrix, frozen here with it.
         head_params = [p for m in anatomy.head_modules() for p in m.parameters()]
-        for p in head_params:
-            p.requires_grad_(False)
         frozen_head = []
-        for rep in range(reps + 1):
-            bwd_log.clear()
-            with (ctx() if ctx else contextlib.nullcontext()):
-                loss = model(**batch).loss
-            t1 = _now()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            if rep:
-                frozen_head.append(bwd_log[("out", L - 1)] - t1)
-        for p in head_params:
-            p.requires_grad_(True)
+        try:
+            for p in head_params:
+                p.requires_grad_(False)
+            for rep in range(reps + 1):
+                bwd_log.clear()
+                with (ctx() if ctx else contextlib.nullcontext()):
+                    loss = model(**batch).loss
+                t1 = _now()
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                if rep:
+                    frozen_head.append(bwd_log[("out", L - 1)] - t1)
+        finally:
+            for p in head_params:
+                p.requires_grad_(True)
         # Forward of every block in train mode without a graph, for blocks below the lowest trainable one.
         nograd_rows = []
         with torch.no_grad():

@@ -42,8 +42,8 @@ def profile_methods(config: str | Path, methods: list[str], steps: int, output: 
                 method, prepared = setup(m_cfg, copy.deepcopy(model), task=run.task, blocks=cfg.blocks, seed=cfg.train.seed,
                                          max_steps=steps, context=run.method.context)
                 block = measure_block_cost(prepared, method.anatomy, batch, method.adapter_params, bf16=cfg.train.bf16)
-            # The plans of the run's steps 0..steps-1 (the bench times all but the first).
-            plans = {s: method.plan(s) for s in range(steps)}
+            # The plans of the steps the bench times (all but the first).
+            plans = {s: method.plan(s) for s in range(1, steps)}
             predictions[name] = predicted_speedup(prof, method, plans, frozen_eval=not cfg.train.frozen_dropout, block=block)
         except Exception as exc:  # the prediction is a side note: never lose the bench over it
             predictions[name] = {"predicted_speedup": None, "error": f"{type(exc).__name__}: {exc}"}

@@ -6,6 +6,7 @@ seconds), never stored and copied: the tests recompute each one from the JSON.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 MiB = 2**20
@@ -19,21 +20,15 @@ OVERHEAD_THRESHOLD = 85.0
 COST_MODEL_TOLERANCE = 0.15
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-
-
 def timings(run: dict) -> dict:
     """Equal-batch timing over the worker's run and its interleaved repeats: medians, min and max."""
     eb = run["equal_batch"]
     reps = [{"step_seconds": eb["step_seconds"], "tokens_per_s": eb["tokens_per_s"], "phases": eb["phases"]}] + list(run.get("repeats", []))
     steps = [r["step_seconds"] for r in reps]
     tps = [r["tokens_per_s"] for r in reps]
-    return {"n": len(reps), "step_seconds": _median(steps), "step_min": min(steps), "step_max": max(steps),
-            "tokens_per_s": _median(tps), "tokens_min": min(tps), "tokens_max": max(tps),
-            "phases": {k: _median([r["phases"][k] for r in reps]) for k in PHASES}}
+    return {"n": len(reps), "step_seconds": statistics.median(steps), "step_min": min(steps), "step_max": max(steps),
+            "tokens_per_s": statistics.median(tps), "tokens_min": min(tps), "tokens_max": max(tps),
+            "phases": {k: statistics.median([r["phases"][k] for r in reps]) for k in PHASES}}
 
 
 def predicted_step(run: dict) -> float:
@@ -61,7 +56,7 @@ def ratios(runs: dict) -> dict:
                       "measured_saving": mp_full / mp if mp and mp_full else None, "ideal": ideal,
                       "percent": 100.0 * gain / ideal if ideal else None,
                       "predicted_step": predicted_step(r), "measured_step": t["step_seconds"],
-                      "error": t["step_seconds"] / predicted_step(r) - 1.0}
+                      "error": predicted_step(r) / t["step_seconds"] - 1.0}
     return out
 
 

@@ -10,8 +10,8 @@ the same worker alone). One worker:
    training time), then keeps training until ``time_budget`` seconds of training (full's time for
    ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
 2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
-   other) and compares each with the cost model's prediction for the plans the steps really ran
-   (:mod:`layerwise.measure.costmodel`, profiled once per model and precision);
+   other) and records what they trained and ran, which the cost model prices (:mod:`layerwise.measure.costmodel`,
+   profiled before every repeat round; the median profile prices every run);
 3. predicts with :func:`layerwise.measure.memory.measure_method` the largest batch that fits the memory budget
    (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
 
@@ -575,7 +575,7 @@ def run_suite(args) -> dict:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ConfigError(f"--precisions: choose from {', '.join(PRECISIONS)}")
     labels = _labels(args.methods)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: use 1 or more")
     device = _suite_device(getattr(args, "device", None))
@@ -615,7 +615,7 @@ def run_suite(args) -> dict:
                  "budget_batch": 8, "profiles": {}, "runs": {}}
         report["models"][model] = entry
         for prec in precisions:
-            # Cost model: one profiled full fine-tuning step at this batch, length and precision.
+            # Cost model: profiled full fine-tuning steps at this batch, length and precision, one per repeat round.
             cfg_dir = out / "specs" / f"{model}-{prec}"
             cfg_dir.mkdir()
             base = {"model": path, "data": {"source": MODELS[model], "max_length": size["seq_len"], "padding": "max_length",
