@@ -65,8 +65,10 @@ def test_frozen_head_and_embeddings_cost_less_in_the_profile():
     assert len(prof.forward_blocks_nograd) == len(prof.forward_blocks) == 2
     full = full_charge(prof)
     no_head = dataclasses.replace(full, head_weight=False, embeddings=False)
-    # Without the head's weight gradient and the embeddings' backward, exactly those two measured times come off.
-    saved = prof.backward_head - prof.backward_head_frozen + prof.backward_embeddings
+    # Without the head's weight gradient and the embeddings' backward, exactly those measured times come off, and block 0
+    # becomes the lowest trainable block (no input gradient: its weight-only fraction).
+    saved = (prof.backward_head - prof.backward_head_frozen + prof.backward_embeddings
+             + prof.backward_blocks[0] * (1 - prof.weight_only_fraction))
     assert prof.predict(full) - prof.predict(no_head) == pytest.approx(saved)
 
 
