@@ -358,9 +358,8 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     work = Path(spec["workdir"])
     cfg, mcfg = _resolve_worker(spec, spec["batch_size"], work / "run")
-    t_setup = time.perf_counter()
-    run = Run(cfg, mcfg, log=print, splits=tokenized_splits(cfg))  # loads the model, prepares the method (SALF probes here)
-    setup_seconds = time.perf_counter() - t_setup
+    run = Run(cfg, mcfg, log=print, splits=tokenized_splits(cfg))
+    setup_seconds = run.setup_seconds  # what the method did before its first step (SALF's probe)
     train_loader, eval_loader = run.loaders()
     if spec.get("timing_only"):
         return _timing_repeat(spec, run, cfg, train_loader, setup_seconds)
