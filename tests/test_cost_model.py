@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from layerwise.anatomy import find_anatomy
 from layerwise.engine import Trainer
 from layerwise.engine.settings import TrainConfig
-from layerwise.measure.costmodel import charge_for, full_charge, measure_block_cost, profile_model
+from layerwise.measure.costmodel import BlockCost, charge_for, full_charge, measure_block_cost, method_block_cost, profile_model
 from layerwise.methods import method_config, setup
 
 
@@ -103,3 +103,26 @@ def test_uncalibrated_prediction_meets_a_measured_step():
         wrong.append(prof.predict(dataclasses.replace(charge, head_weight=True, embeddings=True), block) / step)
     assert statistics.median(right) == pytest.approx(1.0, abs=0.25), right
     assert statistics.median(wrong) > 1.25, (wrong, right)
+
+
+def test_meft_block_is_timed_as_it_runs_and_priced_once():
+    """MEFT's reversible layer is timed as MEFT runs it (its backward includes the recomputed forward, so the
+    prediction adds no second forward), and timing it leaves the method's stack and trainable set as they were."""
+    model = tiny_llama()
+    batch = batch_for(model, 4, 16)
+    plain = copy.deepcopy(model)
+    prof = profile_model(plain, find_anatomy(plain), batch, reps=1)
+    method, model = prepared({"name": "meft"}, model)
+    grads = [p.requires_grad for p in model.parameters()]
+    block = method_block_cost(method, model, batch)
+    assert block.reversible and block.forward_factor > 0 and block.adapter_fraction > block.adapter_lowest_fraction > 0
+    assert [p.requires_grad for p in model.parameters()] == grads and "run" not in vars(method.runner.stack)
+    charge = charge_for(method, method.plan(0))
+    phases = prof.phases(charge, block)
+    lowest = min(charge.trainable_blocks)
+    expected = sum(b * (block.adapter_lowest_fraction if i == lowest else block.adapter_fraction)
+                   for i, b in enumerate(prof.backward_blocks))
+    assert phases["backward"] == pytest.approx(expected + prof.backward_head_frozen + prof.clip_per_param * charge.n_trainable)
+    # Charged as a plain block instead, the recomputed forward is added on top of the input-only backward.
+    plain = prof.phases(charge, BlockCost())
+    assert plain["backward"] > sum(prof.backward_blocks[i] * prof.input_only_fraction for i in range(1, len(prof.backward_blocks)))

@@ -9,7 +9,8 @@ block that gradient must cross). The head's backward is timed twice, with its we
 trainable and frozen (a tied LM head's weight is the embedding matrix: it trains only
 with the embeddings). Gradient clipping, the AdamW step and zero_grad are timed apart,
 each scaled per parameter. A method whose blocks carry adapters has its own middle block
-timed the same way (:func:`measure_block_cost`): adapter forward and backward factors.
+timed against the plain block (:func:`method_block_cost`): peft adapters, or MEFT's reversible
+layer as MEFT runs it (its backward includes the recomputed forward).
 
 For a step (:class:`Charge`: what trains and runs, read from the method's parameters)::
 
@@ -24,6 +25,7 @@ whose adapters train, and 0 below the lowest. docs/cost-model.md has every term.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import statistics
 import time
@@ -69,14 +71,17 @@ def _first_tensor(args, kwargs):
 @dataclass(frozen=True)
 class BlockCost:
     """A method's blocks relative to the plain block, measured on its own middle block
-    (:func:`measure_block_cost`); the defaults are a block without adapters."""
+    (:func:`method_block_cost`); the defaults are a block without adapters."""
 
     forward_factor: float = 1.0
-    """Forward with the method's adapters over forward without them (train mode)."""
+    """Forward with the method's adapters over the plain block's forward (train mode; a reversible block: both without a graph)."""
     adapter_fraction: float | None = None
     """Backward with only adapter weights trainable and the input gradient, over the plain block's full backward."""
     adapter_lowest_fraction: float | None = None
     """The same without the input gradient (the lowest block that trains)."""
+    reversible: bool = False
+    """Timed as the method runs it, forward without a graph and backward by recomputation (MEFT): the adapter
+    fractions include the recomputed forward."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ class Profile:
                     backward += b * (r_low if at_bottom else r_in)
                 else:
                     backward += b * (self.weight_only_fraction if at_bottom else 1.0)
-                if i in charge.recomputed_blocks:
+                if i in charge.recomputed_blocks and not block.reversible:
                     backward += block_forward(i, False)
             if charge.embeddings:
                 backward += self.backward_embeddings
@@ -267,21 +272,39 @@ def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter],
     return statistics.median(fwd[1:]), statistics.median(bwd[1:])
 
 
-def _block_fractions(block: nn.Module, args, kwargs, reps: int = 3) -> tuple[float, float]:
-    """Backward time of one block with weight-only and input-only gradients, as fractions of full."""
+def _block_fractions(block: nn.Module, args, kwargs, rounds: int = 7) -> tuple[float, float]:
+    """Backward time of one block with weight-only and input-only gradients, as fractions of full: the three
+    modes in turn, ``rounds`` times, the median of each round's ratios (a slow moment of a shared machine
+    hits one round's three timings alike)."""
     args, kwargs = _detached(args, kwargs)
     params = list(block.parameters())
-    full = _time_block(block, args, kwargs, params, True, reps)[1]
-    weight_only = _time_block(block, args, kwargs, params, False, reps)[1]
-    input_only = _time_block(block, args, kwargs, [], True, reps)[1]
-    return weight_only / full, input_only / full
+    ratios = []
+    for _ in range(rounds):
+        full = _time_block(block, args, kwargs, params, True, 1)[1]
+        weight_only = _time_block(block, args, kwargs, params, False, 1)[1]
+        input_only = _time_block(block, args, kwargs, [], True, 1)[1]
+        ratios.append((weight_only / full, input_only / full))
+    return statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+
+
+def _plain_copy(block: nn.Module) -> nn.Module:
+    """A copy of ``block`` with every peft layer replaced by its base layer: the plain block the profile timed
+    (peft's wrappers cost time even with their adapters disabled)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(block)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, module.get_base_layer())
+    return plain
 
 
 def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: set[int], *, bf16: bool = False,
                        rounds: int = 7) -> BlockCost:
     """Forward and backward factors of the method's adapters, on its middle block: the block's inputs are captured
-    in one forward of ``model`` (the method's prepared model), then the block is timed with its peft adapters
-    disabled (full backward: the reference of the profile's fractions) and enabled (only adapters trainable)."""
+    in one forward of ``model`` (the method's prepared model), then the block is timed with its peft adapters (only
+    adapters trainable) and as the plain block (every weight trainable: the reference of the profile's fractions)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     block = anatomy.blocks[anatomy.num_blocks // 2]
@@ -302,31 +325,103 @@ def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: s
     finally:
         handle.remove()
     args, kwargs = _detached(*captured["inputs"])
-    base = [p for p in block.parameters() if id(p) not in adapter_params]
-    was_training, saved = block.training, [(p, p.requires_grad) for p in block.parameters()]
+    plain = _plain_copy(block)
+    was_training = block.training
     block.train()
+    plain.train()
     ratios = []
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             # Rounds of the three modes in turn, each round's ratios kept: a slow moment of a shared machine hits a
             # round's three timings alike, and the median over rounds leaves the rest out.
             for _ in range(rounds):
-                for m in tuners:
-                    m.enable_adapters(False)
-                f_off, b_full = _time_block(block, args, kwargs, base, True, 1)
-                for m in tuners:
-                    m.enable_adapters(True)
+                f_plain, b_full = _time_block(plain, args, kwargs, list(plain.parameters()), True, 1)
                 f_on, b_ax = _time_block(block, args, kwargs, adapters, True, 1)
                 b_a = _time_block(block, args, kwargs, adapters, False, 1)[1]
-                ratios.append((f_on / f_off, b_ax / b_full, b_a / b_full))
+                ratios.append((f_on / f_plain, b_ax / b_full, b_a / b_full))
     finally:
-        for m in tuners:
-            m.enable_adapters(True)
-        for p, rg in saved:  # enable_adapters sets requires_grad on the adapters: put back what the method set
-            p.requires_grad_(rg)
         block.train(was_training)
     forward, adapter, lowest = (statistics.median(r[k] for r in ratios) for k in range(3))
     return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest)
+
+
+def method_block_cost(method: Method, model: nn.Module, batch: dict, *, bf16: bool = False) -> BlockCost:
+    """The factors of ``method``'s own blocks in its prepared ``model``: MEFT's reversible layers
+    (:func:`measure_reversible_block`), peft adapters (:func:`measure_block_cost`), else a plain block."""
+    if not method.adapter_params:
+        return BlockCost()
+    if method.recomputed_blocks():
+        return measure_reversible_block(model, method, batch, bf16=bf16)
+    return measure_block_cost(model, method.anatomy, batch, method.adapter_params, bf16=bf16)
+
+
+def measure_reversible_block(model: nn.Module, method: Method, batch: dict, *, bf16: bool = False, rounds: int = 7) -> BlockCost:
+    """MEFT's middle reversible layer timed as the method runs it (a one-layer stack: forward without a graph,
+    backward by reconstruction and recomputation, only adapters trainable) against the same block run plainly
+    (forward without a graph; forward and full backward with every weight trainable)."""
+    stack, ops = method.runner.stack, method.runner.ops
+    layer = stack.layers[len(stack.layers) // 2]
+    block = method.anatomy.blocks[layer.index]
+    captured = {}
+    run = stack.run
+
+    def grab(h0, aux):
+        captured.setdefault("inputs", (h0.detach(), aux))
+        return run(h0, aux)
+
+    stack.run = grab  # an instance attribute over the method, removed below
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(**batch)
+    finally:
+        del stack.run
+    h0, aux = captured["inputs"]
+    one = dataclasses.replace(stack, layers=[layer], errors={}, tightened=[], log=None)
+    base = [p for p in block.parameters() if id(p) not in method.adapter_params]
+    adapters = [p for p in block.parameters() if id(p) in method.adapter_params]
+    saved = [(p, p.requires_grad) for p in block.parameters()]
+    was_training = block.training
+
+    def step(fn, x_grad: bool, grad_params: list) -> tuple[float, float]:
+        for p in block.parameters():
+            p.requires_grad_(any(p is q for q in grad_params))
+        x = h0.detach().requires_grad_(x_grad)
+        t0 = _now()
+        out = fn(x)
+        t1 = _now()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sum(o.float().pow(2).mean() for o in outs if torch.is_tensor(o) and o.requires_grad).backward()
+        t2 = _now()
+        for p in block.parameters():
+            p.grad = None
+        return t1 - t0, t2 - t1
+
+    def plain_nograd() -> float:
+        t0 = _now()
+        with torch.no_grad():
+            ops.ordinary(block, h0, aux)
+        return _now() - t0
+
+    plain = lambda x: ops.ordinary(block, x, aux)  # noqa: E731
+    reversible = lambda x: one.run(x, aux)  # noqa: E731
+    block.train()
+    ratios = []
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            for r in range(rounds + 1):  # the first round warms up
+                f_plain = plain_nograd()
+                b_plain = step(plain, True, base + adapters)[1]
+                f_rev, b_rev = step(reversible, True, adapters)
+                b_low = step(reversible, False, adapters)[1]
+                if r:
+                    ratios.append((f_rev / f_plain, b_rev / b_plain, b_low / b_plain))
+    finally:
+        for p, rg in saved:
+            p.requires_grad_(rg)
+        block.train(was_training)
+    forward, adapter, lowest = (statistics.median(r[k] for r in ratios) for k in range(3))
+    return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest, reversible=True)
 
 
 def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16: bool = False) -> Profile:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from layerwise.config import resolve
 from layerwise.data import Splits
-from layerwise.measure.costmodel import BlockCost, measure_block_cost, predicted_speedup, profile_model
+from layerwise.measure.costmodel import BlockCost, method_block_cost, predicted_speedup, profile_model
 from layerwise.methods import create_method, setup
 from layerwise.run import Run
 from layerwise.schema import load_yaml
@@ -25,7 +25,14 @@ def profile_methods(config: str | Path, methods: list[str], steps: int, output: 
     ``splits``: the config's data, already tokenized (else loaded here)."""
     raw = load_yaml(config)
     raw["method"] = {"name": "full"}
-    raw["output"] = tempfile.mkdtemp(prefix="layerwise-profile-")
+    with tempfile.TemporaryDirectory(prefix="layerwise-profile-") as scratch:  # the profile run saves nothing
+        raw["output"] = scratch
+        result = _profile(raw, config, methods, steps, splits)
+    Path(output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _profile(raw: dict, config: str | Path, methods: list[str], steps: int, splits: Splits | None) -> dict:
     cfg, mcfg = resolve(raw)
     run = Run(cfg, mcfg, log=lambda *a: None, splits=splits)
     train_loader, _ = run.loaders()
@@ -41,12 +48,10 @@ def profile_methods(config: str | Path, methods: list[str], steps: int, output: 
             if method.adapter_only:  # it plans over the adapters it injects: prepare a copy of the model
                 method, prepared = setup(m_cfg, copy.deepcopy(model), task=run.task, blocks=cfg.blocks, seed=cfg.train.seed,
                                          max_steps=steps, context=run.method.context)
-                block = measure_block_cost(prepared, method.anatomy, batch, method.adapter_params, bf16=cfg.train.bf16)
+                block = method_block_cost(method, prepared, batch, bf16=cfg.train.bf16)
             # The plans of the steps the bench times (all but the first).
             plans = {s: method.plan(s) for s in range(1, steps)}
             predictions[name] = predicted_speedup(prof, method, plans, frozen_eval=not cfg.train.frozen_dropout, block=block)
         except Exception as exc:  # the prediction is a side note: never lose the bench over it
             predictions[name] = {"predicted_speedup": None, "error": f"{type(exc).__name__}: {exc}"}
-    result = {"profile": prof.to_dict(), "methods": predictions}
-    Path(output).write_text(json.dumps(result, indent=2))
-    return result
+    return {"profile": prof.to_dict(), "methods": predictions}

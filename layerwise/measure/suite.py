@@ -11,7 +11,7 @@ the same worker alone). One worker:
    ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
 2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
    other) and records what they trained and ran, which the cost model prices (:mod:`layerwise.measure.costmodel`,
-   profiled before every repeat round; the median profile prices every run);
+   profiled right before every timed run; the median of a method's own profiles prices it);
 3. predicts with :func:`layerwise.measure.memory.measure_method` the largest batch that fits the memory budget
    (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
 
@@ -57,8 +57,8 @@ from layerwise.measure.bench import method_raw
 from layerwise.measure.costmodel import (
     BlockCost,
     Profile,
-    measure_block_cost,
     median_profile,
+    method_block_cost,
     predict_charges,
     predicted_speedup,
 )
@@ -325,7 +325,7 @@ def _predict(spec: dict, run, cfg, train_loader, ran: dict) -> dict:
     block = BlockCost()
     if method.adapter_params:
         batch = {k: v.to(run.device) for k, v in next(iter(train_loader(0))).items()}
-        block = measure_block_cost(run.model, method.anatomy, batch, method.adapter_params, bf16=cfg.train.bf16)
+        block = method_block_cost(method, run.model, batch, bf16=cfg.train.bf16)
     return predicted_speedup(_load_profile(spec["profile"]), method, ran, frozen_eval=not cfg.train.frozen_dropout, block=block)
 
 
@@ -614,7 +614,7 @@ def run_suite(args) -> dict:
                  "budget_batch": 8, "profiles": {}, "runs": {}}
         report["models"][model] = entry
         for prec in precisions:
-            # Cost model: profiled full fine-tuning steps at this batch, length and precision, one per repeat round.
+            # Cost model: profiled full fine-tuning steps at this batch, length and precision, one before every run.
             cfg_dir = out / "specs" / f"{model}-{prec}"
             cfg_dir.mkdir()
             base = {"model": path, "data": {"source": MODELS[model], "max_length": size["seq_len"], "padding": "max_length",
@@ -623,17 +623,20 @@ def run_suite(args) -> dict:
             (cfg_dir / "full.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
             base_cfg, _ = resolve(base)
 
-            def profile(rep: int) -> Path:
-                """One profiled full step, in its own process: one per repeat round, before it (their median predicts)."""
-                path = out / "results" / f"{model}-{prec}-profile{'' if rep == 1 else f'-r{rep}'}.json"
-                print(f"[{model} {prec}] profiling the cost model ...", flush=True)
-                in_process(profile_methods, out / "logs" / f"{path.stem}.log", cfg_dir / "full.yaml", ["full"], 2, path,
-                           tokenized_splits(base_cfg))
+            def profile(label: str, rep: int) -> Path:
+                """A profiled full step in its own process, right before a run of ``label`` (the machine's speed drifts
+                over minutes: each run is predicted from primitives timed beside it, the median of its repeats' profiles).
+                ``--quick`` profiles once and prices every method with it."""
+                key = "shared" if args.quick else label
+                path = out / "results" / f"{model}-{prec}-{key}-profile{'' if rep == 1 else f'-r{rep}'}.json"
+                if not path.exists():
+                    in_process(profile_methods, out / "logs" / f"{path.stem}.log", cfg_dir / "full.yaml", ["full"], 2, path,
+                               tokenized_splits(base_cfg))
                 command = ["layerwise", "measure", "profile", str(cfg_dir / "full.yaml"), "--methods", "full", "--steps", "2", "--output", str(path)]
-                entry["profiles"].setdefault(prec, []).append({"path": str(path.relative_to(out)), "command": " ".join(shlex.quote(a) for a in command)})
+                entry["profiles"].setdefault(prec, {}).setdefault(label, []).append(
+                    {"path": str(path.relative_to(out)), "command": " ".join(shlex.quote(a) for a in command)})
                 return path
 
-            prof_path = profile(1)
             rate_path = out / "results" / f"{model}-{prec}-matrix-rate.json"
             in_process(_write_matrix_rate, out / "logs" / f"{model}-{prec}-matrix-rate.log", rate_path, device, prec, threads)
             entry.setdefault("matrix_rate", {})[prec] = rate = json.loads(rate_path.read_text())
@@ -655,13 +658,15 @@ def run_suite(args) -> dict:
                         "seq_len": size["seq_len"], "batch_size": size["batch_size"], "steps": size["steps"], "eval_every": size["eval_every"],
                         "eval_samples": size["eval_samples"], "train_samples": size["train_samples"], "seed": 0, "threads": threads,
                         "time_budget": budget_time, "max_steps": int(preset["max_steps_factor"] * size["steps"]), "memory_budget": budget_mem, "budget_batch": 8,
-                        "batch_cap": preset["batch_cap"], "profile": str(prof_path), "matrix_rate": rate, "device": device,
+                        "batch_cap": preset["batch_cap"], "matrix_rate": rate, "device": device,
                         "workdir": str(out / "work" / name), "result": str(out / "results" / f"{name}.json"),
                         "command": f"layerwise measure worker {spec_path}"}
                 spec_path.write_text(json.dumps(spec, indent=2))
                 tokenized_splits(_resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))[0])  # loaded here, inherited by the worker
                 t0 = time.perf_counter()
                 print(f"[{model} {prec}] {label} ...", end=" ", flush=True)
+                spec["profile"] = str(profile(label, 1))
+                spec_path.write_text(json.dumps(spec, indent=2))
                 in_process(run_worker, out / "logs" / f"{name}.log", spec)
                 res = json.loads(Path(spec["result"]).read_text())
                 runs[label] = res
@@ -674,7 +679,6 @@ def run_suite(args) -> dict:
                 print(f"{eb['tokens_per_s']:.0f} tokens/s, {eb['memory']['total'] / 2**20:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
             # Repeats of the equal-batch timing alone, every method in turn (interleaved): medians in the report.
             for rep in range(2, repeats + 1):
-                profile(rep)
                 for label, _ in labels:
                     first = runs[label]
                     spec = json.loads((out / "specs" / f"{model}-{prec}-{label}.json").read_text())
@@ -682,7 +686,7 @@ def run_suite(args) -> dict:
                         spec["method"] = {**spec["method"], "probe": first["probe_path"]}
                     name = f"{model}-{prec}-{label}-r{rep}"
                     spec.update(timing_only=True, repeat=rep, result=str(out / "results" / f"{name}.json"), workdir=str(out / "work" / name),
-                                command=f"layerwise measure worker {out / 'specs' / f'{name}.json'}")
+                                command=f"layerwise measure worker {out / 'specs' / f'{name}.json'}", profile=str(profile(label, rep)))
                     (out / "specs" / f"{name}.json").write_text(json.dumps(spec, indent=2))
                     print(f"[{model} {prec}] {label} repeat {rep} ...", end=" ", flush=True)
                     in_process(run_worker, out / "logs" / f"{name}.log", spec)
@@ -690,9 +694,9 @@ def run_suite(args) -> dict:
                     first.setdefault("repeats", []).append(res)
                     print(f"{res['tokens_per_s']:.0f} tokens/s", flush=True)
             if repeats > 1:
-                # Every prediction from the median of the round's profiles; the first profile's kept beside it.
-                med = median_profile([_load_profile(out / p["path"]) for p in entry["profiles"][prec]])
-                for run in runs.values():
+                # Each method's prediction from the median of the profiles taken beside its runs; the first one's kept.
+                for label, run in runs.items():
+                    med = median_profile([_load_profile(out / p["path"]) for p in entry["profiles"][prec][label]])
                     eb = run["equal_batch"]
                     eb["predicted_first_profile"] = eb["predicted"]
                     eb["predicted"] = predict_charges(med, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
