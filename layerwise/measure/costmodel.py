@@ -15,11 +15,12 @@ layer as MEFT runs it (its backward includes the recomputed forward).
 For a step (:class:`Charge`: what trains and runs, read from the method's parameters)::
 
     T = F  +  B_head  +  sum_i c_i  +  [B_emb if an embedding parameter trains]  +  per-parameter work
-        +  recomputed forwards  +  the method's own forwards (IST's importance loop)
+        +  the method's own forwards (IST's importance loop)
 
 with c_i = B_i for a trainable block above the lowest trainable point, B_i * r_weight for
 the lowest one, B_i * r_input for a frozen block above it, B_i * r_adapter for a block
-whose adapters train, and 0 below the lowest. docs/cost-model.md has every term.
+whose adapters train (MEFT's reversible blocks: their recomputed forward included), and 0
+below the lowest. docs/cost-model.md has every term.
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: s
     tuners = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
     adapters = [p for p in block.parameters() if id(p) in adapter_params]
     if not tuners or not adapters:
-        return BlockCost()  # adapters outside peft's layers (MEFT's run beside the block): charged as a plain block
+        return BlockCost()  # no peft adapters in this block: charged as a plain block
     captured = {}
 
     def grab(module, args, kwargs):
@@ -377,7 +378,8 @@ def measure_reversible_block(model: nn.Module, method: Method, batch: dict, *, b
     finally:
         del stack.run
     h0, aux = captured["inputs"]
-    one = dataclasses.replace(stack, layers=[layer], errors={}, tightened=[], log=None)
+    # The timing copy never raises nor tightens on a reconstruction error (the method's own limits stay on its stack).
+    one = dataclasses.replace(stack, layers=[layer], errors={}, tightened=[], log=None, max_error=None, check=False)
     base = [p for p in block.parameters() if id(p) not in method.adapter_params]
     adapters = [p for p in block.parameters() if id(p) in method.adapter_params]
     saved = [(p, p.requires_grad) for p in block.parameters()]
@@ -411,7 +413,7 @@ def measure_reversible_block(model: nn.Module, method: Method, batch: dict, *, b
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             for r in range(rounds + 1):  # the first round warms up
                 f_plain = plain_nograd()
-                b_plain = step(plain, True, base + adapters)[1]
+                b_plain = step(plain, True, base)[1]
                 f_rev, b_rev = step(reversible, True, adapters)
                 b_low = step(reversible, False, adapters)[1]
                 if r:

@@ -171,7 +171,9 @@ def render(report: dict, out: Path) -> str:
         "**Accounted** memory is layerwise's meter: weights + gradients + optimizer state + bytes saved for backward, each at "
         "its peak (summary.json `memory.total`), kept as a breakdown.",
         "- **Cost model** (docs/cost-model.md): the step time predicted for what the timed steps trained and ran, from profiled "
-        "full fine-tuning steps (one in its own process right before every timed run; a method's prediction takes the median of "
+        "full fine-tuning steps ("
+        + ("one per repeat round, shared by every method (`--quick`)" if report.get("quick") else "one in its own process right before every timed run")
+        + "; a method's prediction takes the median of "
         "each measured time over its runs' profiles: per-block forward with and "
         "without a graph and backward, head with and without its weight gradient, clipping, AdamW and zero_grad per parameter) "
         "and the method's own block factors (adapters, recomputation, importance-loop forwards); "

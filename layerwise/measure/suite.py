@@ -11,7 +11,8 @@ the same worker alone). One worker:
    ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
 2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
    other) and records what they trained and ran, which the cost model prices (:mod:`layerwise.measure.costmodel`,
-   profiled right before every timed run; the median of a method's own profiles prices it);
+   profiled right before every timed run, or once per repeat round with ``--quick``; the median of a method's
+   own profiles prices it);
 3. predicts with :func:`layerwise.measure.memory.measure_method` the largest batch that fits the memory budget
    (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
 
@@ -626,7 +627,7 @@ def run_suite(args) -> dict:
             def profile(label: str, rep: int) -> Path:
                 """A profiled full step in its own process, right before a run of ``label`` (the machine's speed drifts
                 over minutes: each run is predicted from primitives timed beside it, the median of its repeats' profiles).
-                ``--quick`` profiles once and prices every method with it."""
+                ``--quick`` profiles once per repeat round and prices every method of the round with it."""
                 key = "shared" if args.quick else label
                 path = out / "results" / f"{model}-{prec}-{key}-profile{'' if rep == 1 else f'-r{rep}'}.json"
                 if not path.exists():
@@ -663,10 +664,10 @@ def run_suite(args) -> dict:
                         "command": f"layerwise measure worker {spec_path}"}
                 spec_path.write_text(json.dumps(spec, indent=2))
                 tokenized_splits(_resolve_worker(spec, spec["batch_size"], Path(spec["workdir"]))[0])  # loaded here, inherited by the worker
-                t0 = time.perf_counter()
                 print(f"[{model} {prec}] {label} ...", end=" ", flush=True)
                 spec["profile"] = str(profile(label, 1))
                 spec_path.write_text(json.dumps(spec, indent=2))
+                t0 = time.perf_counter()
                 in_process(run_worker, out / "logs" / f"{name}.log", spec)
                 res = json.loads(Path(spec["result"]).read_text())
                 runs[label] = res
