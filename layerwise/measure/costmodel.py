@@ -242,50 +242,60 @@ def _detached(args, kwargs):
     return args, kwargs
 
 
-def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter], x_grad: bool, reps: int) -> tuple[float, float]:
-    """Median forward and backward seconds of ``block`` alone on its captured inputs, with only ``grad_params``
-    trainable and (``x_grad``) the gradient for its input."""
-    params = list(block.parameters())
+def _time_call(fn, x0: torch.Tensor, params: list[nn.Parameter], grad_params: list[nn.Parameter], x_grad: bool) -> tuple[float, float]:
+    """Forward and backward seconds of ``fn(x)`` on a copy of ``x0`` (after one untimed call), with only ``grad_params``
+    of ``params`` trainable and (``x_grad``) the gradient for ``x``; the loss sums every output that needs a gradient."""
     saved = [p.requires_grad for p in params]
-    which, x0 = _first_tensor(args, kwargs)
     wanted = {id(p) for p in grad_params}
-    fwd, bwd = [], []
     try:
         for p in params:
             p.requires_grad_(id(p) in wanted)
-        for _ in range(reps + 1):
+        for _ in range(2):
             x = x0.detach().requires_grad_(x_grad)
-            a, k = (((x,) + tuple(args[1:])), kwargs) if which == "arg" else (args, {**kwargs, "hidden_states": x})
             t0 = _now()
-            out = block(*a, **k)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = out.float().pow(2).mean()
+            out = fn(x)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            loss = sum(o.float().pow(2).mean() for o in outs if torch.is_tensor(o) and o.requires_grad)
             t1 = _now()
             loss.backward()
             t2 = _now()
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
             for p in params:
                 p.grad = None
     finally:
         for p, rg in zip(params, saved):
             p.requires_grad_(rg)
-    return statistics.median(fwd[1:]), statistics.median(bwd[1:])
+    return t1 - t0, t2 - t1
+
+
+def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter], x_grad: bool) -> tuple[float, float]:
+    """:func:`_time_call` of ``block`` alone on its captured inputs (its hidden states as ``x``)."""
+    which, x0 = _first_tensor(args, kwargs)
+
+    def call(x):
+        if which == "arg":
+            return block(x, *args[1:], **kwargs)
+        return block(*args, **{**kwargs, "hidden_states": x})
+
+    return _time_call(call, x0, list(block.parameters()), grad_params, x_grad)
+
+
+def _median_ratios(rounds: int, one_round) -> tuple[float, ...]:
+    """The median of each ratio over ``rounds`` calls of ``one_round`` (which times every mode once, in turn, and
+    returns their ratios): a slow moment of a shared machine hits one round's timings alike."""
+    ratios = [one_round() for _ in range(rounds)]
+    return tuple(statistics.median(r[k] for r in ratios) for k in range(len(ratios[0])))
 
 
 def _block_fractions(block: nn.Module, args, kwargs, rounds: int = 7) -> tuple[float, float]:
-    """Backward time of one block with weight-only and input-only gradients, as fractions of full: the three
-    modes in turn, ``rounds`` times, the median of each round's ratios (a slow moment of a shared machine
-    hits one round's three timings alike)."""
+    """Backward time of one block with weight-only and input-only gradients, as fractions of full."""
     args, kwargs = _detached(args, kwargs)
     params = list(block.parameters())
-    ratios = []
-    for _ in range(rounds):
-        full = _time_block(block, args, kwargs, params, True, 1)[1]
-        weight_only = _time_block(block, args, kwargs, params, False, 1)[1]
-        input_only = _time_block(block, args, kwargs, [], True, 1)[1]
-        ratios.append((weight_only / full, input_only / full))
-    return statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+
+    def one_round():
+        full = _time_block(block, args, kwargs, params, True)[1]
+        return _time_block(block, args, kwargs, params, False)[1] / full, _time_block(block, args, kwargs, [], True)[1] / full
+
+    return _median_ratios(rounds, one_round)
 
 
 def _plain_copy(block: nn.Module) -> nn.Module:
@@ -330,19 +340,18 @@ def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: s
     was_training = block.training
     block.train()
     plain.train()
-    ratios = []
+
+    def one_round():
+        f_plain, b_full = _time_block(plain, args, kwargs, list(plain.parameters()), True)
+        f_on, b_ax = _time_block(block, args, kwargs, adapters, True)
+        b_a = _time_block(block, args, kwargs, adapters, False)[1]
+        return f_on / f_plain, b_ax / b_full, b_a / b_full
+
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            # Rounds of the three modes in turn, each round's ratios kept: a slow moment of a shared machine hits a
-            # round's three timings alike, and the median over rounds leaves the rest out.
-            for _ in range(rounds):
-                f_plain, b_full = _time_block(plain, args, kwargs, list(plain.parameters()), True, 1)
-                f_on, b_ax = _time_block(block, args, kwargs, adapters, True, 1)
-                b_a = _time_block(block, args, kwargs, adapters, False, 1)[1]
-                ratios.append((f_on / f_plain, b_ax / b_full, b_a / b_full))
+            forward, adapter, lowest = _median_ratios(rounds, one_round)
     finally:
         block.train(was_training)
-    forward, adapter, lowest = (statistics.median(r[k] for r in ratios) for k in range(3))
     return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest)
 
 
@@ -380,49 +389,30 @@ def measure_reversible_block(model: nn.Module, method: Method, batch: dict, *, b
     h0, aux = captured["inputs"]
     # The timing copy never raises nor tightens on a reconstruction error (the method's own limits stay on its stack).
     one = dataclasses.replace(stack, layers=[layer], errors={}, tightened=[], log=None, max_error=None, check=False)
-    base = [p for p in block.parameters() if id(p) not in method.adapter_params]
-    adapters = [p for p in block.parameters() if id(p) in method.adapter_params]
-    saved = [(p, p.requires_grad) for p in block.parameters()]
-    was_training = block.training
-
-    def step(fn, x_grad: bool, grad_params: list) -> tuple[float, float]:
-        for p in block.parameters():
-            p.requires_grad_(any(p is q for q in grad_params))
-        x = h0.detach().requires_grad_(x_grad)
-        t0 = _now()
-        out = fn(x)
-        t1 = _now()
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        sum(o.float().pow(2).mean() for o in outs if torch.is_tensor(o) and o.requires_grad).backward()
-        t2 = _now()
-        for p in block.parameters():
-            p.grad = None
-        return t1 - t0, t2 - t1
-
-    def plain_nograd() -> float:
-        t0 = _now()
-        with torch.no_grad():
-            ops.ordinary(block, h0, aux)
-        return _now() - t0
-
+    params = list(block.parameters())
+    base = [p for p in params if id(p) not in method.adapter_params]
+    adapters = [p for p in params if id(p) in method.adapter_params]
     plain = lambda x: ops.ordinary(block, x, aux)  # noqa: E731
     reversible = lambda x: one.run(x, aux)  # noqa: E731
+
+    def one_round():
+        with torch.no_grad():
+            plain(h0)  # untimed first call, as in _time_call
+            t0 = _now()
+            plain(h0)
+            f_plain = _now() - t0
+        b_plain = _time_call(plain, h0, params, base, True)[1]
+        f_rev, b_rev = _time_call(reversible, h0, params, adapters, True)
+        b_low = _time_call(reversible, h0, params, adapters, False)[1]
+        return f_rev / f_plain, b_rev / b_plain, b_low / b_plain
+
+    was_training = block.training
     block.train()
-    ratios = []
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            for r in range(rounds + 1):  # the first round warms up
-                f_plain = plain_nograd()
-                b_plain = step(plain, True, base)[1]
-                f_rev, b_rev = step(reversible, True, adapters)
-                b_low = step(reversible, False, adapters)[1]
-                if r:
-                    ratios.append((f_rev / f_plain, b_rev / b_plain, b_low / b_plain))
+            forward, adapter, lowest = _median_ratios(rounds, one_round)
     finally:
-        for p, rg in saved:
-            p.requires_grad_(rg)
         block.train(was_training)
-    forward, adapter, lowest = (statistics.median(r[k] for r in ratios) for k in range(3))
     return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest, reversible=True)
 
 
