@@ -23,6 +23,8 @@ DIST_STEPS=${GPU_CHECK_DIST_STEPS:-40}
 SUITE_TIMEOUT=${GPU_CHECK_SUITE_TIMEOUT:-330}
 DIST_TIMEOUT=${GPU_CHECK_DIST_TIMEOUT:-60}
 PYTHON=${PYTHON:-python}
+# The suite forks its workers: CUDA availability is asked through NVML so that no process initializes CUDA before a fork.
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
 
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   echo "gpu-check: '$OUT' exists and is not empty: pass a new OUT_DIR (or move the old results away)" >&2

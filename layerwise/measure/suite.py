@@ -716,6 +716,8 @@ def run_suite(args) -> dict:
 
 def _suite_device(name: str | None) -> str:
     """cpu or cuda; by default cuda when torch sees one (the driver does not initialize CUDA: workers are forked)."""
+    # Ask NVML, not the CUDA runtime: a runtime call in the driver leaves forked workers unable to initialize CUDA.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):

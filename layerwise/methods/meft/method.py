@@ -234,7 +234,7 @@ def _bert_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwa
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
     h = self._meft_runner(hidden_states, {"attention_mask": attention_mask})
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, cache=None)
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
 def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -248,13 +248,12 @@ def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids
         inputs_embeds = self.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-    mask = create_causal_mask(
-        config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None, position_ids=position_ids
-    )
+    # The cache goes in by position: transformers renamed the argument (past_key_values, later cache) within 5.x.
+    mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None, position_ids=position_ids)
     pe = self.rotary_emb(inputs_embeds, position_ids=position_ids)
     aux = {"attention_mask": mask, "position_embeddings": pe, "position_ids": position_ids}
     h = self._meft_runner(inputs_embeds, aux)
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=None)
+    return BaseModelOutputWithPast(last_hidden_state=self.norm(h))
 
 
 def apply_meft(model: nn.Module, config: MeftConfig, *, log=None) -> MeftRunner:
