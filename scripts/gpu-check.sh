@@ -8,7 +8,7 @@
 #
 # Knobs (environment): GPU_CHECK_DEVICE (cuda; cpu runs the same steps on the CPU, for tests),
 # GPU_CHECK_MODELS (minilm,smollm2), GPU_CHECK_PRECISIONS (fp32,bf16), GPU_CHECK_METHODS (empty: every suite
-# method), GPU_CHECK_NPROC (processes of the distributed runs: the GPU count on cuda, 1 = skip on cpu),
+# method), GPU_CHECK_REPEATS (3 interleaved timing repeats, medians in the report), GPU_CHECK_NPROC (processes of the distributed runs: the GPU count on cuda, 1 = skip on cpu),
 # GPU_CHECK_DIST_MODEL (minilm), GPU_CHECK_DIST_STEPS (40), GPU_CHECK_SUITE_TIMEOUT (330 s),
 # GPU_CHECK_DIST_TIMEOUT (60 s per run).
 set -euo pipefail
@@ -18,6 +18,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 MODELS=${GPU_CHECK_MODELS:-minilm,smollm2}
 PRECISIONS=${GPU_CHECK_PRECISIONS:-fp32,bf16}
 METHODS=${GPU_CHECK_METHODS:-}
+REPEATS=${GPU_CHECK_REPEATS:-3}
 DIST_MODEL=${GPU_CHECK_DIST_MODEL:-minilm}
 DIST_STEPS=${GPU_CHECK_DIST_STEPS:-40}
 SUITE_TIMEOUT=${GPU_CHECK_SUITE_TIMEOUT:-330}
@@ -59,7 +60,7 @@ else
 fi
 
 suite=("$PYTHON" -m layerwise bench --suite paper --quick --no-scaling --device "$DEVICE" --models "$MODELS"
-       --precisions "$PRECISIONS" --output "$OUT/suite")
+       --precisions "$PRECISIONS" --repeats "$REPEATS" --output "$OUT/suite")
 if [ -n "$METHODS" ]; then suite+=(--methods "$METHODS"); fi
 step suite "$SUITE_TIMEOUT" "${suite[@]}"
 

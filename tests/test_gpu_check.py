@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from layerwise.cli import main
+from layerwise.measure.report import PHASES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
 MIB = 2**20
@@ -26,14 +27,19 @@ def table_rows(md: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def worker_result(tokens_per_s: float, peak: int, accounted: int) -> dict:
-    return {"equal_batch": {"batch_size": 8, "seq_len": 64, "tokens_per_s": tokens_per_s, "memory": {"total": accounted},
-                            "measured_peak": {"bytes": peak, "kind": "cuda_max_memory_allocated"}}}
+def worker_result(tokens_per_s: list[float], peak: int, accounted: int) -> dict:
+    """A worker's result and its timing repeats (tokens/s of each run, in order)."""
+    timing = [{"tokens_per_s": t, "step_seconds": 512 / t, "phases": dict.fromkeys(PHASES, 0.0)} for t in tokens_per_s]
+    return {"equal_batch": {"batch_size": 8, "seq_len": 64, **timing[0], "memory": {"total": accounted},
+                            "measured_peak": {"bytes": peak, "kind": "cuda_max_memory_allocated"}},
+            "repeats": timing[1:]}
 
 
 def test_report_ratios_from_hand_made_results(tmp_path):
     (tmp_path / "suite").mkdir()
-    runs = {"full": worker_result(1000.0, 200 * MIB, 300 * MIB), "lift_bottom_up": worker_result(2500.0, 50 * MIB, 80 * MIB)}
+    # Medians over three interleaved runs: 1000 and 2500 tokens/s.
+    runs = {"full": worker_result([900.0, 1000.0, 1100.0], 200 * MIB, 300 * MIB),
+            "lift_bottom_up": worker_result([2500.0, 2600.0, 2400.0], 50 * MIB, 80 * MIB)}
     suite = {"models": {"minilm": {"runs": {"bf16": runs}}}}
     (tmp_path / "suite" / "suite.json").write_text(json.dumps(suite))
     machine = {"device": "cuda", "name": "H200", "capability": "9.0", "gpu_count": 2, "torch": "2.13", "cuda": "12.8"}
@@ -47,6 +53,7 @@ def test_report_ratios_from_hand_made_results(tmp_path):
     assert rows["full"][4:9] == ["1000", "1.00", "200.0", "1.00", "300.0"]
     # lift: 2.5x full's tokens/s, a quarter of its measured peak.
     assert rows["lift_bottom_up"][4:9] == ["2500", "2.50", "50.0", "0.25", "80.0"]
+    assert rows["full"][9:] == ["3", "900-1100"] and rows["lift_bottom_up"][9:] == ["3", "2400-2600"]
     (dist,) = table_rows(md, "| run |")
     assert dist[1:] == ["minilm", "lift", "2", "True", "12345", "64.0"]
 
@@ -55,7 +62,7 @@ def test_report_ratios_from_hand_made_results(tmp_path):
 def test_script_cpu_mode_end_to_end(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_MODELS": "tiny-llama", "GPU_CHECK_PRECISIONS": "fp32",
-           "GPU_CHECK_METHODS": "full,lift_bottom_up", "OMP_NUM_THREADS": "2"}
+           "GPU_CHECK_METHODS": "full,lift_bottom_up", "GPU_CHECK_REPEATS": "1", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((out / "machine.json").read_text())["device"] == "cpu"

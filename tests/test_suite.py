@@ -264,3 +264,23 @@ def test_bf16_only_suite_refused_without_bf16_units(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no bf16 matrix units" in err[0] and "add fp32" in err[0], err
     assert not out.exists()
+
+
+def test_grouped_query_attention_flops_are_counted_as_its_query_heads():
+    """CUDA's fused attention gets 3 key/value heads for 9 query heads (SmolLM2): counted as the 9-head
+    product it computes (each key/value head broadcast), forward and backward, not refused."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from layerwise.measure.suite import SDPA_FLOPS
+
+    b, s, d = 2, 16, 8
+    q, g, kv = torch.zeros(b, 9, s, d), torch.zeros(b, 9, s, d), torch.zeros(b, 3, s, d)
+    registry = FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS).flop_registry
+    aten = torch.ops.aten
+    forward = registry[aten._scaled_dot_product_efficient_attention](q, kv, kv, out_val=q)
+    backward = registry[aten._scaled_dot_product_flash_attention_backward](g, q, kv, kv, out_val=q)
+    assert forward == 2 * (2 * b * 9 * s * s * d)  # scores and scores @ values
+    assert backward == 5 * (2 * b * 9 * s * s * d)  # recomputed scores and four gradient products
+    full_heads = registry[aten._scaled_dot_product_efficient_attention](q, q, q, out_val=q)
+    assert full_heads == forward

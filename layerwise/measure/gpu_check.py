@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from layerwise.measure.report import timings
+
 DISTRIBUTED = (("ddp", "data parallel (active-gradient all_reduce)"), ("fsdp", "FSDP2 (`train.fsdp=true`)"))
 
 
@@ -43,18 +45,21 @@ def write_machine(out_dir: str | Path, device: str) -> dict:
 
 
 def equal_batch_rows(suite: dict) -> list[dict]:
-    """One row per model, precision and method: tokens/s and measured peak (above the loaded model) vs full's."""
+    """One row per model, precision and method: tokens/s (median over the interleaved repeats, and their range) and
+    measured peak (above the loaded model, from the first run) vs full's."""
     rows = []
     for model, entry in suite["models"].items():
         for precision, runs in entry["runs"].items():
             full_peak = runs["full"]["equal_batch"]["measured_peak"]["bytes"]
-            full_rate = runs["full"]["equal_batch"]["tokens_per_s"]
+            full_rate = timings(runs["full"])["tokens_per_s"]
             for label, run in runs.items():
                 eb = run["equal_batch"]
                 peak = eb["measured_peak"]["bytes"]
+                t = timings(run)
                 rows.append({"model": model, "precision": precision, "method": label, "batch": eb["batch_size"],
-                             "seq_len": eb["seq_len"], "tokens_per_s": eb["tokens_per_s"],
-                             "speed_x": eb["tokens_per_s"] / full_rate, "measured_peak": peak,
+                             "seq_len": eb["seq_len"], "tokens_per_s": t["tokens_per_s"], "runs": t["n"],
+                             "tokens_range": (t["tokens_min"], t["tokens_max"]),
+                             "speed_x": t["tokens_per_s"] / full_rate, "measured_peak": peak,
                              "memory_ratio": peak / full_peak if full_peak else None,
                              "accounted_peak": eb["memory"]["total"], "kind": eb["measured_peak"]["kind"]})
     return rows
@@ -81,12 +86,13 @@ def render_summary(out_dir: str | Path) -> str:
              "(`max_memory_allocated` after `reset_peak_memory_stats` on CUDA, peak RSS on CPU); "
              "ratios are against `full` at the same model and precision.", "",
              "| model | precision | method | batch x length | tokens/s | speed vs full | measured peak MiB | "
-             "peak vs full | accounted peak MiB |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "peak vs full | accounted peak MiB | runs | tokens/s min-max |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in equal_batch_rows(suite):
         lines.append(f"| {r['model']} | {r['precision']} | {r['method']} | {r['batch']} x {r['seq_len']} | "
                      f"{r['tokens_per_s']:.0f} | {r['speed_x']:.2f} | {_mib(r['measured_peak'])} | "
-                     f"{_ratio(r['memory_ratio'])} | {_mib(r['accounted_peak'])} |")
+                     f"{_ratio(r['memory_ratio'])} | {_mib(r['accounted_peak'])} | {r['runs']} | "
+                     f"{r['tokens_range'][0]:.0f}-{r['tokens_range'][1]:.0f} |")
     dist = [(name, title, json.loads((out / f"{name}-summary.json").read_text()))
             for name, title in DISTRIBUTED if (out / f"{name}-summary.json").exists()]
     lines += ["", "## Data parallel", ""]

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
@@ -282,11 +283,37 @@ class _NoModuleTracking:
         return False
 
 
+def _kv_heads_as_query(query_shape, key_shape, value_shape):
+    """Grouped-query attention broadcasts each key/value head over its query heads: the FLOPs of as many
+    key/value heads as query heads (torch before 2.13 counts only equal head counts and raises otherwise)."""
+    heads = query_shape[1]
+    return query_shape, (key_shape[0], heads, *key_shape[2:]), (value_shape[0], heads, *value_shape[2:])
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(*_kv_heads_as_query(query_shape, key_shape, value_shape))
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, *_kv_heads_as_query(query_shape, key_shape, value_shape))
+
+
+_aten = torch.ops.aten
+#: The fused attention kernels (CUDA's, on CPU the math path's matrix products are counted instead), GQA included.
+SDPA_FLOPS = {
+    **{op: _sdpa_flops for op in (_aten._scaled_dot_product_efficient_attention, _aten._scaled_dot_product_flash_attention,
+                                   _aten._scaled_dot_product_cudnn_attention)},
+    **{op: _sdpa_backward_flops for op in (_aten._scaled_dot_product_efficient_attention_backward,
+                                            _aten._scaled_dot_product_flash_attention_backward,
+                                            _aten._scaled_dot_product_cudnn_attention_backward)},
+}
+
+
 def count_step_flops(trainer) -> dict:
     """FLOPs of one optimizer step (forward, backward, recomputation), counted by torch's
     ``FlopCounterMode`` from the shapes of the matrix products and attention it dispatches."""
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS)
     # Only the total is needed: its per-module tracker hooks backward in a way that breaks an
     # autograd.grad inside backward (MEFT's reversible backward), so count everything as "Global".
     counter.mod_tracker = _NoModuleTracking()
