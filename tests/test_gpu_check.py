@@ -27,11 +27,12 @@ def table_rows(md: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def worker_result(tokens_per_s: list[float], peak: int, accounted: int) -> dict:
+def worker_result(tokens_per_s: list[float], peak: int, accounted: int, model: int = 100 * MIB) -> dict:
     """A worker's result and its timing repeats (tokens/s of each run, in order)."""
     timing = [{"tokens_per_s": t, "step_seconds": 512 / t, "phases": dict.fromkeys(PHASES, 0.0)} for t in tokens_per_s]
     return {"equal_batch": {"batch_size": 8, "seq_len": 64, **timing[0], "memory": {"total": accounted},
-                            "measured_peak": {"bytes": peak, "kind": "cuda_max_memory_allocated"}},
+                            "measured_peak": {"bytes": peak, "process_bytes": model + peak,
+                                             "kind": "cuda_max_memory_allocated"}},
             "repeats": timing[1:]}
 
 
@@ -50,10 +51,10 @@ def test_report_ratios_from_hand_made_results(tmp_path):
     assert main(["measure", "gpu-check-report", str(tmp_path)]) == 0
     md = (tmp_path / "summary.md").read_text()
     rows = {r[2]: r for r in table_rows(md, "| model |")}
-    assert rows["full"][4:9] == ["1000", "1.00", "200.0", "1.00", "300.0"]
+    assert rows["full"][4:10] == ["1000", "1.00", "200.0", "1.00", "300.0", "300.0"]
     # lift: 2.5x full's tokens/s, a quarter of its measured peak.
-    assert rows["lift_bottom_up"][4:9] == ["2500", "2.50", "50.0", "0.25", "80.0"]
-    assert rows["full"][9:] == ["3", "900-1100"] and rows["lift_bottom_up"][9:] == ["3", "2400-2600"]
+    assert rows["lift_bottom_up"][4:10] == ["2500", "2.50", "50.0", "0.25", "150.0", "80.0"]
+    assert rows["full"][10:] == ["3", "900-1100"] and rows["lift_bottom_up"][10:] == ["3", "2400-2600"]
     (dist,) = table_rows(md, "| run |")
     assert dist[1:] == ["minilm", "lift", "2", "True", "12345", "64.0"]
 

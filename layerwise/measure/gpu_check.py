@@ -61,7 +61,8 @@ def equal_batch_rows(suite: dict) -> list[dict]:
                              "tokens_range": (t["tokens_min"], t["tokens_max"]),
                              "speed_x": t["tokens_per_s"] / full_rate, "measured_peak": peak,
                              "memory_ratio": peak / full_peak if full_peak else None,
-                             "accounted_peak": eb["memory"]["total"], "kind": eb["measured_peak"]["kind"]})
+                             "accounted_peak": eb["memory"]["total"], "process_peak": eb["measured_peak"].get("process_bytes"),
+                             "kind": eb["measured_peak"]["kind"]})
     return rows
 
 
@@ -84,14 +85,17 @@ def render_summary(out_dir: str | Path) -> str:
              "## Equal batch (the paper suite)", "",
              "Measured peak: the worker's peak above the loaded model over its training window "
              "(`max_memory_allocated` after `reset_peak_memory_stats` on CUDA, peak RSS on CPU); "
-             "ratios are against `full` at the same model and precision.", "",
+             "ratios are against `full` at the same model and precision. The accounted peak (layerwise's meter: weights, "
+             "gradients, optimizer state, bytes saved for backward) includes the model's weights: compare it with the "
+             "measured peak including the model (the allocator's or the process's whole peak), not with the peak above it.", "",
              "| model | precision | method | batch x length | tokens/s | speed vs full | measured peak MiB | "
-             "peak vs full | accounted peak MiB | runs | tokens/s min-max |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "peak vs full | measured peak incl. model MiB | accounted peak MiB | runs | tokens/s min-max |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in equal_batch_rows(suite):
         lines.append(f"| {r['model']} | {r['precision']} | {r['method']} | {r['batch']} x {r['seq_len']} | "
                      f"{r['tokens_per_s']:.0f} | {r['speed_x']:.2f} | {_mib(r['measured_peak'])} | "
-                     f"{_ratio(r['memory_ratio'])} | {_mib(r['accounted_peak'])} | {r['runs']} | "
+                     f"{_ratio(r['memory_ratio'])} | {'n/a' if r['process_peak'] is None else _mib(r['process_peak'])} | "
+                     f"{_mib(r['accounted_peak'])} | {r['runs']} | "
                      f"{r['tokens_range'][0]:.0f}-{r['tokens_range'][1]:.0f} |")
     dist = [(name, title, json.loads((out / f"{name}-summary.json").read_text()))
             for name, title in DISTRIBUTED if (out / f"{name}-summary.json").exists()]
