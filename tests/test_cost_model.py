@@ -79,6 +79,26 @@ def test_frozen_head_and_embeddings_cost_less_in_the_profile():
     assert prof.predict(full) - prof.predict(no_head) == pytest.approx(saved)
 
 
+def test_frozen_forwards_are_profiled_as_the_engine_runs_them_after_a_training_step():
+    """A block that does not train runs with grad mode on and no parameter requiring a gradient (no graph), in eval
+    mode or in train mode; the profile times it so, each time right after a training step, and leaves the model as it
+    found it (train mode, every parameter trainable)."""
+    model = tiny_llama(layers=2)
+    calls = []  # (training, grad mode, block's weights require a gradient) at each forward of block 0
+    block = find_anatomy(model).blocks[0]
+    hook = block.register_forward_pre_hook(lambda m, a: calls.append(
+        (m.training, torch.is_grad_enabled(), next(m.parameters()).requires_grad)))
+    prof = profile_model(model, find_anatomy(model), batch_for(model, 4, 16), reps=2)
+    hook.remove()
+    step, frozen_eval, frozen_train = (True, True, True), (False, True, False), (True, True, False)
+    # 3 rounds (one warm-up) of: step, frozen eval forward, step, frozen train-mode forward; then the frozen-head backwards.
+    assert calls[:12] == [step, frozen_eval, step, frozen_train] * 3
+    assert calls[12:15] == [step] * 3
+    assert len(prof.forward_blocks_eval) == len(prof.forward_blocks_nograd) == 2
+    assert min(prof.forward_blocks_eval + prof.forward_blocks_nograd) > 0
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
 def _measured_step(model, raw: dict, batch: dict, steps: int = 7) -> tuple[float, object, object]:
     method, model = prepared(raw, model, max_steps=steps)
     tcfg = TrainConfig(max_steps=steps, batch_size=batch["input_ids"].shape[0], warmup_steps=0, progress=False, device="cpu",

@@ -417,7 +417,8 @@ def measure_reversible_block(model: nn.Module, method: Method, batch: dict, *, b
 
 
 def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16: bool = False) -> Profile:
-    """Profile full fine-tuning of ``model`` on ``batch`` (median over ``reps`` after a warm-up)."""
+    """Profile full fine-tuning of ``model`` on ``batch``: medians over ``reps`` rounds after a warm-up round, each
+    round two training steps, each followed by a forward of every block as a block that does not train runs."""
     device = next(model.parameters()).device
     blocks = anatomy.blocks
     L = len(blocks)
@@ -458,45 +459,58 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         handles.append(b.register_forward_hook(post(i), with_kwargs=True))
 
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6, fused=fused_supported(device) or None)  # as the engine's
-    ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
-    rows = []
+    ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    params = list(model.parameters())
+
+    def train_step() -> dict:
+        fwd_log.clear()
+        bwd_log.clear()
+        t0 = _now()
+        with ctx():
+            loss = model(**batch).loss
+        t1 = _now()
+        loss.backward()
+        t2 = _now()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t_clip = _now()
+        opt.step()
+        t_step = _now()
+        opt.zero_grad(set_to_none=True)
+        t3 = _now()
+        return dict(fb=[fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)],
+                    bb=[bwd_log[("in", i)] - bwd_log[("out", i)] for i in range(L)],
+                    fe=fwd_log[("in", 0)] - t0, fh=t1 - fwd_log[("out", L - 1)], bh=bwd_log[("out", L - 1)] - t1,
+                    be=t2 - bwd_log[("in", 0)], clip=t_clip - t2, opt=t_step - t_clip, zero=t3 - t_step, step=t3 - t0)
+
+    def frozen_forward(eval_mode: bool) -> list[float]:
+        """Each block's forward as the engine runs a block that does not train: grad mode on, no parameter
+        requiring a gradient (so no graph), in eval mode or (below the lowest trainable block) in train mode."""
+        fwd_log.clear()
+        model.train(not eval_mode)
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with ctx():
+                model(**batch)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+            model.train()
+        return [fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)]
+
+    rows, eval_rows, nograd_rows = [], [], []
     try:
+        # Each frozen forward right after a training step, as in a method's step (back-to-back forwards alone ran
+        # faster than the same blocks inside training steps), and beside it in time (the machine's speed drifts).
         for rep in range(reps + 1):
-            fwd_log.clear()
-            bwd_log.clear()
-            t0 = _now()
-            if ctx:
-                with ctx():
-                    loss = model(**batch).loss
-            else:
-                loss = model(**batch).loss
-            t1 = _now()
-            loss.backward()
-            t2 = _now()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-            t_clip = _now()
-            opt.step()
-            t_step = _now()
-            opt.zero_grad(set_to_none=True)
-            t3 = _now()
-            if rep == 0:
-                continue  # warm-up
-            fb = [fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)]
-            bb = [bwd_log[("in", i)] - bwd_log[("out", i)] for i in range(L)]
-            rows.append(
-                dict(
-                    fb=fb,
-                    bb=bb,
-                    fe=fwd_log[("in", 0)] - t0,
-                    fh=t1 - fwd_log[("out", L - 1)],
-                    bh=bwd_log[("out", L - 1)] - t1,
-                    be=t2 - bwd_log[("in", 0)],
-                    clip=t_clip - t2,
-                    opt=t_step - t_clip,
-                    zero=t3 - t_step,
-                    step=t3 - t0,
-                )
-            )
+            steps = [train_step(), None]
+            evals = frozen_forward(eval_mode=True)
+            steps[1] = train_step()
+            nograds = frozen_forward(eval_mode=False)
+            if rep:  # the first round warms up
+                rows += steps
+                eval_rows.append(evals)
+                nograd_rows.append(nograds)
         # The head's backward with its weights frozen (a plan whose head does not train still sends the gradient
         # through it); a tied LM head's weight is the embedding matrix, frozen here with it.
         head_params = [p for m in anatomy.head_modules() for p in m.parameters()]
@@ -506,7 +520,7 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
                 p.requires_grad_(False)
             for rep in range(reps + 1):
                 bwd_log.clear()
-                with (ctx() if ctx else contextlib.nullcontext()):
+                with ctx():
                     loss = model(**batch).loss
                 t1 = _now()
                 loss.backward()
@@ -516,39 +530,13 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         finally:
             for p in head_params:
                 p.requires_grad_(True)
-        # Forward of every block in train mode without a graph, for blocks below the lowest trainable one.
-        nograd_rows = []
-        with torch.no_grad():
-            for rep in range(reps + 1):
-                fwd_log.clear()
-                with (ctx() if ctx else contextlib.nullcontext()):
-                    model(**batch)
-                if rep:
-                    nograd_rows.append([fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)])
-        # Forward of every block in eval mode (no dropout), for blocks that do not train.
-        model.eval()
-        eval_rows = []
-        with torch.no_grad():
-            for rep in range(reps + 1):
-                fwd_log.clear()
-                if ctx:
-                    with ctx():
-                        model(**batch)
-                else:
-                    model(**batch)
-                if rep:
-                    eval_rows.append([fwd_log[("out", i)] - fwd_log[("in", i)] for i in range(L)])
-        model.train()
     finally:
         for h in handles:
             h.remove()
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     medv = lambda key: [statistics.median(r[key][i] for r in rows) for i in range(L)]  # noqa: E731
     args, kwargs = captured["args"], captured["kwargs"]
-    if ctx:
-        with ctx():
-            r_w, r_in = _block_fractions(blocks[L // 2], args, kwargs)
-    else:
+    with ctx():
         r_w, r_in = _block_fractions(blocks[L // 2], args, kwargs)
     n = sum(p.numel() for p in model.parameters())
     return Profile(
