@@ -8,8 +8,9 @@
 #
 # Knobs (environment): GPU_CHECK_DEVICE (cuda; cpu runs the same steps on the CPU, for tests),
 # GPU_CHECK_MODELS (minilm,smollm2), GPU_CHECK_PRECISIONS (fp32,bf16), GPU_CHECK_METHODS (empty: every suite
-# method), GPU_CHECK_REPEATS (3 interleaved timing repeats, medians in the report), GPU_CHECK_NPROC (processes of the distributed runs: the GPU count on cuda, 1 = skip on cpu),
-# GPU_CHECK_DIST_MODEL (minilm), GPU_CHECK_DIST_STEPS (40), GPU_CHECK_SUITE_TIMEOUT (330 s),
+# method), GPU_CHECK_REPEATS (3 interleaved timing repeats, medians in the report), GPU_CHECK_NPROC
+# (processes of the distributed runs: the GPU count on cuda, 1 = skip on cpu),
+# GPU_CHECK_DIST_MODEL (minilm), GPU_CHECK_DIST_STEPS (40), GPU_CHECK_SUITE_TIMEOUT (450 s),
 # GPU_CHECK_DIST_TIMEOUT (60 s per run).
 set -euo pipefail
 
@@ -21,7 +22,7 @@ METHODS=${GPU_CHECK_METHODS:-}
 REPEATS=${GPU_CHECK_REPEATS:-3}
 DIST_MODEL=${GPU_CHECK_DIST_MODEL:-minilm}
 DIST_STEPS=${GPU_CHECK_DIST_STEPS:-40}
-SUITE_TIMEOUT=${GPU_CHECK_SUITE_TIMEOUT:-330}
+SUITE_TIMEOUT=${GPU_CHECK_SUITE_TIMEOUT:-450}
 DIST_TIMEOUT=${GPU_CHECK_DIST_TIMEOUT:-60}
 PYTHON=${PYTHON:-python}
 # The suite forks its workers: CUDA availability is asked through NVML so that no process initializes CUDA before a fork.

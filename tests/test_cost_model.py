@@ -93,7 +93,7 @@ def test_frozen_forwards_are_profiled_as_the_engine_runs_them_after_a_training_s
     step, frozen_eval, frozen_train = (True, True, True), (False, True, False), (True, True, False)
     # 3 rounds (one warm-up) of: step, frozen eval forward, step, frozen train-mode forward; then the frozen-head backwards.
     assert calls[:12] == [step, frozen_eval, step, frozen_train] * 3
-    assert calls[12:15] == [step] * 3
+    assert calls[12:] == [step] * 3
     assert len(prof.forward_blocks_eval) == len(prof.forward_blocks_nograd) == 2
     assert min(prof.forward_blocks_eval + prof.forward_blocks_nograd) > 0
     assert model.training and all(p.requires_grad for p in model.parameters())

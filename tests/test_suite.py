@@ -266,13 +266,25 @@ def test_bf16_only_suite_refused_without_bf16_units(tmp_path, capsys, monkeypatc
     assert not out.exists()
 
 
-def test_grouped_query_attention_flops_are_counted_as_its_query_heads():
+def test_grouped_query_attention_flops_are_counted_as_its_query_heads(monkeypatch):
     """CUDA's fused attention gets 3 key/value heads for 9 query heads (SmolLM2): counted as the 9-head
-    product it computes (each key/value head broadcast), forward and backward, not refused."""
+    product it computes (each key/value head broadcast), forward and backward, not refused as torch's own
+    formulas did before 2.13 (stood in for here: they accept only equal head counts)."""
     import torch
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
 
     from layerwise.measure.suite import SDPA_FLOPS
+
+    forward_count, backward_count = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
+
+    def equal_heads(*shapes):
+        if len({shape[1] for shape in shapes}) != 1:
+            raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+
+    monkeypatch.setattr(flop_counter, "sdpa_flop_count", lambda q, k, v: equal_heads(q, k, v) or forward_count(q, k, v))
+    monkeypatch.setattr(flop_counter, "sdpa_backward_flop_count",
+                        lambda g, q, k, v: equal_heads(g, q, k, v) or backward_count(g, q, k, v))
 
     b, s, d = 2, 16, 8
     q, g, kv = torch.zeros(b, 9, s, d), torch.zeros(b, 9, s, d), torch.zeros(b, 3, s, d)
@@ -284,3 +296,6 @@ def test_grouped_query_attention_flops_are_counted_as_its_query_heads():
     assert backward == 5 * (2 * b * 9 * s * s * d)  # recomputed scores and four gradient products
     full_heads = registry[aten._scaled_dot_product_efficient_attention](q, q, q, out_val=q)
     assert full_heads == forward
+    # torch's own formula, as before 2.13, refuses the same call.
+    with pytest.raises(AssertionError, match="incompatible"):
+        FlopCounterMode(display=False).flop_registry[aten._scaled_dot_product_efficient_attention](q, kv, kv, out_val=q)

@@ -483,8 +483,10 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
                     be=t2 - bwd_log[("in", 0)], clip=t_clip - t2, opt=t_step - t_clip, zero=t3 - t_step, step=t3 - t0)
 
     def frozen_forward(eval_mode: bool) -> list[float]:
-        """Each block's forward as the engine runs a block that does not train: grad mode on, no parameter
-        requiring a gradient (so no graph), in eval mode or (below the lowest trainable block) in train mode."""
+        """Each block's forward as layerwise runs the blocks below the lowest trainable one: grad mode on, no
+        parameter requiring a gradient, so no graph; in eval mode (``train.frozen_dropout`` off, the default) or in
+        train mode (on). A frozen block above a trainable one records a graph for the gradient that crosses it: it
+        is charged this eval-mode time too, an underestimate when such blocks run in eval mode."""
         fwd_log.clear()
         model.train(not eval_mode)
         try:

@@ -26,6 +26,7 @@ every k blocks so reconstruction chains stay short (float32 error grows about 10
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from dataclasses import dataclass
@@ -237,6 +238,19 @@ def _bert_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwa
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
+def _causal_mask(create_causal_mask, config, inputs_embeds, attention_mask, position_ids):
+    """transformers' causal mask without a cache. Its signature changed within 5.x (``input_embeds`` then
+    ``inputs_embeds``; ``cache_position`` required, then optional, then gone; ``past_key_values`` then ``cache``), so
+    every argument goes in by the name this version takes."""
+    names = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
+              "inputs_embeds" if "inputs_embeds" in names else "input_embeds": inputs_embeds}
+    if "cache_position" in names:
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    kwargs.update({name: None for name in ("cache", "past_key_values") if name in names})
+    return create_causal_mask(**kwargs)
+
+
 def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                          use_cache=None, past_key_values=None, **kwargs):
     from transformers.masking_utils import create_causal_mask
@@ -248,8 +262,7 @@ def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids
         inputs_embeds = self.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-    # The cache goes in by position: transformers renamed the argument (past_key_values, later cache) within 5.x.
-    mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None, position_ids=position_ids)
+    mask = _causal_mask(create_causal_mask, self.config, inputs_embeds, attention_mask, position_ids)
     pe = self.rotary_emb(inputs_embeds, position_ids=position_ids)
     aux = {"attention_mask": mask, "position_embeddings": pe, "position_ids": position_ids}
     h = self._meft_runner(inputs_embeds, aux)
