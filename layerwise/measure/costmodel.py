@@ -458,9 +458,9 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(b.register_forward_hook(post(i), with_kwargs=True))
 
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6, fused=fused_supported(device) or None)  # as the engine's
-    ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=fused_supported(device) or None)  # as the engine's
+    ctx = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def train_step() -> dict:
         fwd_log.clear()
@@ -505,12 +505,12 @@ def profile_model(model: nn.Module, anatomy, batch: dict, *, reps: int = 3, bf16
         # Each frozen forward right after a training step, as in a method's step (back-to-back forwards alone ran
         # faster than the same blocks inside training steps), and beside it in time (the machine's speed drifts).
         for rep in range(reps + 1):
-            steps = [train_step(), None]
+            first = train_step()
             evals = frozen_forward(eval_mode=True)
-            steps[1] = train_step()
+            second = train_step()
             nograds = frozen_forward(eval_mode=False)
             if rep:  # the first round warms up
-                rows += steps
+                rows += [first, second]
                 eval_rows.append(evals)
                 nograd_rows.append(nograds)
         # The head's backward with its weights frozen (a plan whose head does not train still sends the gradient

@@ -26,6 +26,7 @@ every k blocks so reconstruction chains stay short (float32 error grows about 10
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -238,11 +239,20 @@ def _bert_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwa
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
-def _causal_mask(create_causal_mask, config, inputs_embeds, attention_mask, position_ids):
+@functools.cache
+def _causal_mask_arguments() -> frozenset[str]:
+    from transformers.masking_utils import create_causal_mask
+
+    return frozenset(inspect.signature(create_causal_mask).parameters)
+
+
+def _causal_mask(config, inputs_embeds, attention_mask, position_ids):
     """transformers' causal mask without a cache. Its signature changed within 5.x (``input_embeds`` then
     ``inputs_embeds``; ``cache_position`` required, then optional, then gone; ``past_key_values`` then ``cache``), so
-    every argument goes in by the name this version takes."""
-    names = inspect.signature(create_causal_mask).parameters
+    every argument goes in by the name this version takes (read once)."""
+    from transformers.masking_utils import create_causal_mask
+
+    names = _causal_mask_arguments()
     kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
               "inputs_embeds" if "inputs_embeds" in names else "input_embeds": inputs_embeds}
     if "cache_position" in names:
@@ -253,7 +263,6 @@ def _causal_mask(create_causal_mask, config, inputs_embeds, attention_mask, posi
 
 def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                          use_cache=None, past_key_values=None, **kwargs):
-    from transformers.masking_utils import create_causal_mask
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     if (input_ids is None) == (inputs_embeds is None):
@@ -262,7 +271,7 @@ def _llama_model_forward(self, input_ids=None, attention_mask=None, position_ids
         inputs_embeds = self.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-    mask = _causal_mask(create_causal_mask, self.config, inputs_embeds, attention_mask, position_ids)
+    mask = _causal_mask(self.config, inputs_embeds, attention_mask, position_ids)
     pe = self.rotary_emb(inputs_embeds, position_ids=position_ids)
     aux = {"attention_mask": mask, "position_embeddings": pe, "position_ids": position_ids}
     h = self._meft_runner(inputs_embeds, aux)
