@@ -108,6 +108,28 @@ def _measured_step(model, raw: dict, batch: dict, steps: int = 7) -> tuple[float
     return statistics.median(times[1:]), method, model
 
 
+def test_importance_loop_is_priced_at_the_adapters_eval_mode_forward():
+    """IST's probe forwards run in eval mode without a graph, where its adapters skip their dropout: they are priced
+    with the adapter factor measured that way, not with the train-mode one."""
+    model = tiny_llama()
+    batch = batch_for(model, 4, 16)
+    plain = copy.deepcopy(model)
+    prof = profile_model(plain, find_anatomy(plain), batch, reps=1)
+    method, model = prepared({"name": "ist", "probe_every": 2, "probes": 2, "importance_batch_size": 8}, model)
+    measured = method_block_cost(method, model, batch)
+    assert measured.eval_forward_factor is not None and measured.eval_forward_factor > 0
+    charge = charge_for(method, method.plan(2), 2)
+    assert charge.extra_forward_examples == 16
+    block = dataclasses.replace(measured, forward_factor=3.0, eval_forward_factor=1.5)
+    f_eval = prof.forward_blocks_eval
+    adapters = set(charge.adapter_blocks)
+    expected = 16 / prof.batch_size * (prof.forward_embeddings + prof.forward_head
+                                       + sum(t * (1.5 if i in adapters else 1.0) for i, t in enumerate(f_eval)))
+    assert prof.phases(charge, block)["method_hook"] == pytest.approx(expected)
+    # Without an eval-mode measurement (older results) the train-mode factor stands in.
+    assert prof.phases(charge, dataclasses.replace(block, eval_forward_factor=None))["method_hook"] > expected
+
+
 def test_uncalibrated_prediction_meets_a_measured_step():
     """LoRA on a decoder whose output layer dominates the step: the model must not charge lm_head's weight gradient
     nor the embeddings' backward, which do not happen (the earlier charge of both misses by far more than the tolerance)."""
@@ -155,3 +177,34 @@ def test_meft_block_is_timed_as_it_runs_and_priced_once():
     assert plain["backward"] == pytest.approx(
         sum(b * prof.input_only_fraction for b in prof.backward_blocks) + sum(prof.forward_blocks)
         + prof.backward_head_frozen + prof.clip_per_param * charge.n_trainable)
+
+
+def test_suite_prices_every_method_with_the_median_of_all_its_profiles(tmp_path):
+    """One method's profiles taken on fast minutes and another's on slow ones: both are priced with the section's
+    median profile, not each with its own."""
+    import json
+
+    from layerwise.measure.costmodel import Profile, predict_charges
+    from layerwise.measure.suite import price_with_every_profile
+
+    def profile(scale: float) -> Profile:
+        return Profile(forward_blocks=[scale * 0.1] * 4, backward_blocks=[scale * 0.2] * 4, forward_embeddings=scale * 0.01,
+                       backward_embeddings=scale * 0.02, forward_head=scale * 0.03, backward_head=scale * 0.04,
+                       optimizer_per_param=scale * 1e-9, weight_only_fraction=0.9, input_only_fraction=0.6,
+                       step_seconds=scale * 1.3, total_params=1000, batch_size=4)
+
+    fast, middle, slow = profile(0.5), profile(1.0), profile(2.0)
+    for name, p in (("fast", fast), ("middle", middle), ("slow", slow)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"profile": dataclasses.asdict(p)}))
+    charges = [dataclasses.asdict(full_charge(middle))]
+    block = dataclasses.asdict(BlockCost())
+    entry = {"profiles": {"fp32": {"a": [{"path": "fast.json"}], "b": [{"path": "middle.json"}, {"path": "slow.json"}]}},
+             "runs": {"fp32": {"a": {"equal_batch": {"predicted": predict_charges(fast, charges, block)}},
+                               "b": {"equal_batch": {"predicted": predict_charges(slow, charges, block)}}}}}
+    price_with_every_profile(entry, "fp32", tmp_path)
+    expected = predict_charges(middle, charges, block)["predicted_step_seconds"]
+    for label, own in (("a", fast), ("b", slow)):
+        eb = entry["runs"]["fp32"][label]["equal_batch"]
+        assert eb["predicted"]["predicted_step_seconds"] == pytest.approx(expected)
+        assert eb["predicted_first_profile"]["predicted_step_seconds"] == pytest.approx(predict_charges(own, charges, block)["predicted_step_seconds"])
+    assert entry["pooled_profiles"]["fp32"] == 3

@@ -187,7 +187,7 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
 
 def test_predictions_come_from_the_median_profile(suite):
     """Every run has a profile (--quick: one per repeat round, shared); each method's prediction is its recorded
-    charges priced by the median of its runs' profiles."""
+    charges priced by the median of all the profiles of its model and precision."""
     from layerwise.measure.costmodel import median_profile, predict_charges
     from layerwise.measure.suite import _load_profile
 
@@ -195,12 +195,14 @@ def test_predictions_come_from_the_median_profile(suite):
     entry = data["models"]["tiny-llama"]
     for prec in PRECISIONS:
         assert set(entry["profiles"][prec]) == set(METHODS)
+        every = sorted({p["path"] for taken in entry["profiles"][prec].values() for p in taken})
+        assert len(every) == entry["pooled_profiles"][prec] == data["repeats"] == 2
+        profiles = [_load_profile(out / p) for p in every]
+        med = median_profile(profiles)
+        assert med.forward_blocks == [(a + b) / 2 for a, b in zip(profiles[0].forward_blocks, profiles[1].forward_blocks)]
         for label, run in entry["runs"][prec].items():
             paths = [p["path"] for p in entry["profiles"][prec][label]]
-            assert len(paths) == data["repeats"] == 2 and len(set(paths)) == 2
-            profiles = [_load_profile(out / p) for p in paths]
-            med = median_profile(profiles)
-            assert med.forward_blocks == [(a + b) / 2 for a, b in zip(profiles[0].forward_blocks, profiles[1].forward_blocks)]
+            assert len(paths) == data["repeats"] and set(paths) == set(every)
             eb = run["equal_batch"]
             again = predict_charges(med, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
             assert eb["predicted"]["phases"] == pytest.approx(again["phases"])

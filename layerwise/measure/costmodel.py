@@ -76,6 +76,9 @@ class BlockCost:
 
     forward_factor: float = 1.0
     """Forward with the method's adapters over the plain block's forward (train mode; a reversible block: both without a graph)."""
+    eval_forward_factor: float | None = None
+    """The same in eval mode without a graph (the adapters' dropout off): a block with adapters that runs in eval mode,
+    and the method's own forwards (IST's importance loop); None: ``forward_factor``."""
     adapter_fraction: float | None = None
     """Backward with only adapter weights trainable and the input gradient, over the plain block's full backward."""
     adapter_lowest_fraction: float | None = None
@@ -148,9 +151,11 @@ class Profile:
         f_nograd = self.forward_blocks_nograd or self.forward_blocks
         lowest = -1 if charge.embeddings else (min(charge.trainable_blocks) if charge.trainable_blocks else None)
 
+        eval_factor = block.forward_factor if block.eval_forward_factor is None else block.eval_forward_factor
+
         def block_forward(i: int, mode_eval: bool, graph: bool = True) -> float:
             t = f_eval[i] if mode_eval else (self.forward_blocks[i] if graph else f_nograd[i])
-            return t * (block.forward_factor if i in charge.adapter_blocks else 1.0)
+            return t * ((eval_factor if mode_eval else block.forward_factor) if i in charge.adapter_blocks else 1.0)
 
         # A block records a graph when backward will reach it and it is not run reversibly (MEFT recomputes it instead).
         graph = [lowest is not None and i >= lowest and i not in charge.recomputed_blocks for i in range(L)]
@@ -267,8 +272,8 @@ def _time_call(fn, x0: torch.Tensor, params: list[nn.Parameter], grad_params: li
     return t1 - t0, t2 - t1
 
 
-def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter], x_grad: bool) -> tuple[float, float]:
-    """:func:`_time_call` of ``block`` alone on its captured inputs (its hidden states as ``x``)."""
+def _block_call(block: nn.Module, args, kwargs):
+    """``block`` as a function of its hidden states (the first tensor of its captured inputs), and those states."""
     which, x0 = _first_tensor(args, kwargs)
 
     def call(x):
@@ -276,7 +281,27 @@ def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter],
             return block(x, *args[1:], **kwargs)
         return block(*args, **{**kwargs, "hidden_states": x})
 
+    return call, x0
+
+
+def _time_block(block: nn.Module, args, kwargs, grad_params: list[nn.Parameter], x_grad: bool) -> tuple[float, float]:
+    """:func:`_time_call` of ``block`` alone on its captured inputs (its hidden states as ``x``)."""
+    call, x0 = _block_call(block, args, kwargs)
     return _time_call(call, x0, list(block.parameters()), grad_params, x_grad)
+
+
+def _time_eval_forward(block: nn.Module, args, kwargs) -> float:
+    """Seconds of ``block``'s forward in eval mode without a graph (after one untimed call); leaves it in train mode."""
+    call, x0 = _block_call(block, args, kwargs)
+    block.eval()
+    try:
+        with torch.no_grad():
+            call(x0)
+            t0 = _now()
+            call(x0)
+            return _now() - t0
+    finally:
+        block.train()
 
 
 def _median_ratios(rounds: int, one_round) -> tuple[float, ...]:
@@ -345,14 +370,16 @@ def measure_block_cost(model: nn.Module, anatomy, batch: dict, adapter_params: s
         f_plain, b_full = _time_block(plain, args, kwargs, list(plain.parameters()), True)
         f_on, b_ax = _time_block(block, args, kwargs, adapters, True)
         b_a = _time_block(block, args, kwargs, adapters, False)[1]
-        return f_on / f_plain, b_ax / b_full, b_a / b_full
+        # In eval mode the adapters skip their dropout, which costs a train-mode forward more than their matmuls.
+        f_eval = _time_eval_forward(block, args, kwargs) / _time_eval_forward(plain, args, kwargs)
+        return f_on / f_plain, b_ax / b_full, b_a / b_full, f_eval
 
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            forward, adapter, lowest = _median_ratios(rounds, one_round)
+            forward, adapter, lowest, eval_forward = _median_ratios(rounds, one_round)
     finally:
         block.train(was_training)
-    return BlockCost(forward_factor=forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest)
+    return BlockCost(forward_factor=forward, eval_forward_factor=eval_forward, adapter_fraction=adapter, adapter_lowest_fraction=lowest)
 
 
 def method_block_cost(method: Method, model: nn.Module, batch: dict, *, bf16: bool = False) -> BlockCost:

@@ -173,8 +173,8 @@ def render(report: dict, out: Path) -> str:
         "- **Cost model** (docs/cost-model.md): the step time predicted for what the timed steps trained and ran, from profiled "
         "full fine-tuning steps ("
         + ("one per repeat round, shared by every method (`--quick`)" if report.get("quick") else "one in its own process right before every timed run")
-        + "; a method's prediction takes the median of "
-        "each measured time over its runs' profiles: per-block forward with and "
+        + "; every method's prediction takes the median of "
+        "each measured time over all the profiles of its model and precision: per-block forward with and "
         "without a graph and backward, head with and without its weight gradient, clipping, AdamW and zero_grad per parameter) "
         "and the method's own block factors (adapters, recomputation, importance-loop forwards); "
         "**not calibrated** on any measured run. **pred / meas** compares it with the measured median step; "

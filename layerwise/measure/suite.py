@@ -11,8 +11,8 @@ the same worker alone). One worker:
    ``steps``) have passed: quality after a fixed step budget and after a fixed wall-clock budget;
 2. times every step by phase (method hook, forward, backward incl. gradient clipping, optimizer,
    other) and records what they trained and ran, which the cost model prices (:mod:`layerwise.measure.costmodel`,
-   profiled right before every timed run, or once per repeat round with ``--quick``; the median of a method's
-   own profiles prices it);
+   profiled right before every timed run, or once per repeat round with ``--quick``; the median of all the
+   section's profiles prices every method);
 3. predicts with :func:`layerwise.measure.memory.measure_method` the largest batch that fits the memory budget
    (what ``full`` needs at batch 8) and measures tokens/s and memory at that batch.
 
@@ -721,13 +721,7 @@ def run_suite(args) -> dict:
                     res = json.loads(Path(spec["result"]).read_text())
                     first.setdefault("repeats", []).append(res)
                     print(f"{res['tokens_per_s']:.0f} tokens/s", flush=True)
-            if repeats > 1:
-                # Each method's prediction from the median of the profiles taken beside its runs; the first one's kept.
-                for label, run in runs.items():
-                    med = median_profile([_load_profile(out / p["path"]) for p in entry["profiles"][prec][label]])
-                    eb = run["equal_batch"]
-                    eb["predicted_first_profile"] = eb["predicted"]
-                    eb["predicted"] = predict_charges(med, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
+            price_with_every_profile(entry, prec, out)
     if not args.no_scaling:
         report["scaling"] = _scaling(out, preset, threads, report)
     report["wall_seconds"] = time.perf_counter() - t_start
@@ -739,6 +733,21 @@ def run_suite(args) -> dict:
         print(f"docs: {args.docs}")
     print(f"report: {out / 'report.md'} ({report['wall_seconds']:.0f} s)")
     return report
+
+
+def price_with_every_profile(entry: dict, prec: str, out: Path) -> None:
+    """Price every method of ``entry``'s ``prec`` runs with the median of all the profiles taken beside them through
+    the section: one profile (or a method's three) lands on fast or slow minutes of a shared machine that its run did
+    not share. The prediction from the profile right before the first run is kept as ``predicted_first_profile``."""
+    paths = sorted({p["path"] for taken in entry["profiles"][prec].values() for p in taken})
+    if len(paths) < 2:
+        return
+    pooled = median_profile([_load_profile(out / p) for p in paths])
+    entry.setdefault("pooled_profiles", {})[prec] = len(paths)
+    for run in entry["runs"][prec].values():
+        eb = run["equal_batch"]
+        eb["predicted_first_profile"] = eb["predicted"]
+        eb["predicted"] = predict_charges(pooled, eb["predicted"]["charges"], eb["predicted"]["block_cost"])
 
 
 def _suite_device(name: str | None) -> str:
