@@ -29,7 +29,7 @@ from layerwise.errors import ConfigError, LayerwiseError  # noqa: E402
 from layerwise.generate import generate_text  # noqa: E402
 from layerwise.harness import LOCAL_TASKS, run_eval  # noqa: E402
 from layerwise.measure import meft as meft_reports  # noqa: E402
-from layerwise.measure.bench import run_bench  # noqa: E402
+from layerwise.measure.bench import bench_report, run_bench  # noqa: E402
 from layerwise.measure.gpu_check import write_report as write_gpu_check_report  # noqa: E402
 from layerwise.measure.memory import plan_command  # noqa: E402
 from layerwise.measure.peers import run_peer  # noqa: E402
@@ -132,6 +132,9 @@ def _measure_parser(sub) -> None:
     meft.add_argument("--batch", type=int, default=None)
     meft.add_argument("--length", type=int, default=None)
     meft.add_argument("--variants", default="1,2,3")
+    rebuild = what.add_parser("bench-report", help="results.json/md of a bench folder from its runs (a bench stopped early, repeats run by hand)")
+    rebuild.add_argument("folder", metavar="BENCH_DIR")
+    rebuild.add_argument("--methods", default=None, help="comma-separated entries, in order (default: every configs/*.yaml, full first)")
     gpu = what.add_parser("gpu-check-report", help="summary.md of a scripts/gpu-check.sh folder (docs/benchmarks.md)")
     gpu.add_argument("out_dir", metavar="OUT_DIR")
     quality = what.add_parser("quality-report", help="held-out metric mean and sd over bench folders (seeds), with speed and memory (docs/quality.md)")
@@ -295,6 +298,8 @@ def cmd_measure(args) -> int:
         profile_methods(args.config, [m for m in args.methods.split(",") if m], args.steps, args.output)
     elif args.what == "peer":
         run_peer(args.config, args.peer, args.output)
+    elif args.what == "bench-report":
+        bench_report(args.folder, [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
     elif args.what == "gpu-check-report":
         print(f"summary: {write_gpu_check_report(args.out_dir)}")
     elif args.what == "quality-report":

@@ -359,7 +359,8 @@ class Run:
                     flag = torch.tensor([1.0 if stopping else 0.0])
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     stopping = bool(flag.item())
-                if (tcfg.save_every and step % tcfg.save_every == 0) or stopping or step == tcfg.max_steps:
+                at_end = step == tcfg.max_steps and tcfg.checkpoint_at_end
+                if (tcfg.save_every and step % tcfg.save_every == 0) or stopping or at_end:
                     if saved_step != step:
                         path = checkpoint()
                         saved_step = step

@@ -226,6 +226,24 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
     assert "eval mode" in data["meta"]["dropout_regime"] and data["meta"]["dropout_regime"] in (out / "results.md").read_text()
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "chart.png").stat().st_size > 1000
+    # Timed runs keep no resume checkpoint (a full model's weights and optimizer state each).
+    assert not any((out / "runs").glob("*/checkpoints"))
+
+    # bench-report rebuilds the same rows from the runs, and counts a repeat run by hand beside them.
+    assert main(["measure", "bench-report", str(out)]) == 0
+    rebuilt = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    for name, r in results.items():
+        for key in ("tokens_per_s", "measured_peak", "tokens_per_s_ratio", "measured_memory_saving_x", "predicted"):
+            assert rebuilt[name][key] == r[key], (name, key)
+    summary = json.loads((out / "runs" / "lift-0" / "summary.json").read_text())
+    (out / "runs" / "lift-1").mkdir()
+    (out / "runs" / "lift-1" / "summary.json").write_text(json.dumps({**summary, "tokens_per_s": 3 * summary["tokens_per_s"]}))
+    assert main(["measure", "bench-report", str(out), "--methods", "full,lift"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    lift = data["results"][1]
+    assert [r["method"] for r in data["results"]] == ["full", "lift"] and data["meta"]["runs_per_method"] == {"full": 1, "lift": 2}
+    assert lift["tokens_per_s"] == pytest.approx(2 * summary["tokens_per_s"])
+    assert lift["tokens_per_s_ratio"] == pytest.approx(2 * summary["tokens_per_s"] / full["tokens_per_s"])
 
 
 def test_bench_refuses_a_lift_schedule_it_would_time_in_part(tiny_bert_dir, cls_jsonl, tmp_path, capsys):

@@ -136,6 +136,16 @@ def test_periodic_checkpoints_keep_last_and_corrupt_one_is_skipped(references, t
     assert metrics_steps(out) == [3, 6, 8]
 
 
+def test_checkpoint_at_end_off_writes_none_after_the_last_step_but_a_stop_still_does(tiny_bert_dir, cls_jsonl, tmp_path):
+    off = ["--set", "train.checkpoint_at_end=false"]
+    done = tmp_path / "done"
+    assert main(args(tiny_bert_dir, cls_jsonl, done, *METHODS["lift"], *off, steps=4)) == 0
+    assert json.loads((done / "summary.json").read_text())["steps"] == 4 and find_latest(done) is None
+    stopped = tmp_path / "stopped"
+    assert main(args(tiny_bert_dir, cls_jsonl, stopped, *METHODS["lift"], *off, "--stop-at", "2", steps=4)) == 0
+    assert find_latest(stopped).name == "step-000002"
+
+
 def test_resume_refusals(tiny_bert_dir, cls_jsonl, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.yaml" in capsys.readouterr().err

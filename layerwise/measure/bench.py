@@ -27,6 +27,7 @@ from layerwise.measure.report import fmt
 from layerwise.methods import METHODS
 from layerwise.models import count_blocks
 from layerwise.preflight import inside
+from layerwise.schema import load_yaml
 
 #: Accounted and measured memory further apart than this are named in the report.
 ACCOUNTED_TOLERANCE = 0.25
@@ -108,6 +109,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
             "eval_after": args.eval_samples > 0,
             "sample_generations": 0,
             "save_model": False,
+            "checkpoint_at_end": False,
             "progress": False,
             "log_every": max(1, args.steps // 10),
         }
@@ -182,37 +184,8 @@ def run_bench(args, base_raw: dict) -> list[dict]:
                 shutil.rmtree(own_cache, ignore_errors=True)
             print(f"{summary['tokens_per_s']:.0f} tokens/s, peak training memory {summary['memory']['total'] / 2**20:.0f} MiB", flush=True)
 
-    results = []
-    for name in methods:
-        runs = per_method[name]
-        summary = dict(runs[-1])
-        summary["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
-        summary["tokens_per_s"] = statistics.median(summary["tokens_per_s_runs"])
-        summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
-        summary["peak_memory_bytes"] = int(statistics.median(r["peak_memory_bytes"] for r in runs))
-        summary["measured_peak_runs"] = [r["memory"]["measured_peak"] for r in runs]
-        summary["measured_peak"] = int(statistics.median(summary["measured_peak_runs"]))
-        # What the meter accounts for beyond the weights (resident before the window), against the measured growth.
-        accounted = summary["memory"]["total"] - summary["memory"]["weights"]
-        summary["accounted_over_measured"] = accounted / summary["measured_peak"] if summary["measured_peak"] else None
-        summary["predicted"] = profile["methods"].get(name)
-        summary["label"] = name
-        # A peer's plain loop keeps every block in train mode (dropout on everywhere).
-        summary["frozen_dropout"] = name in peers or bool(raws[name].get("train", {}).get("frozen_dropout", False))
-        results.append(summary)
-    full = next((r for r in results if r["method"] == "full"), None)
-    for r in results:
-        if full is None:
-            r.update(tokens_per_s_ratio=None, memory_ratio=None, memory_saving_x=None, process_memory_ratio=None,
-                     measured_memory_saving_x=None)
-            continue
-        r["tokens_per_s_ratio"] = r["tokens_per_s"] / full["tokens_per_s"]
-        r["memory_ratio"] = r["memory"]["total"] / full["memory"]["total"]
-        r["memory_saving_x"] = full["memory"]["total"] / r["memory"]["total"]
-        r["process_memory_ratio"] = r["peak_memory_bytes"] / full["peak_memory_bytes"]
-        r["measured_memory_saving_x"] = full["measured_peak"] / r["measured_peak"] if r["measured_peak"] else None
-        pred = r["predicted"] or {}
-        r["percent_of_ideal"] = 100.0 * r["tokens_per_s_ratio"] / pred["predicted_speedup"] if pred.get("predicted_speedup") else None
+    frozen_dropout = {name: name in peers or bool(raws[name].get("train", {}).get("frozen_dropout", False)) for name in methods}
+    results = summarize(per_method, profile, frozen_dropout)
     command = "layerwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "layerwise bench"
     meta = {
         "command": command,
@@ -232,10 +205,91 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"),
         "dropout_regime": dropout_regime(results),
     }
+    write_results(out, meta, results)
+    return results
+
+
+def summarize(per_method: dict[str, list[dict]], profile: dict, frozen_dropout: dict[str, bool]) -> list[dict]:
+    """Each entry's runs (summary.json of each repeat, in order) as one row: medians, the runs' spread, ratios to `full`."""
+    results = []
+    for name, runs in per_method.items():
+        summary = dict(runs[-1])
+        summary["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+        summary["tokens_per_s"] = statistics.median(summary["tokens_per_s_runs"])
+        summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
+        summary["peak_memory_bytes"] = int(statistics.median(r["peak_memory_bytes"] for r in runs))
+        summary["measured_peak_runs"] = [r["memory"]["measured_peak"] for r in runs]
+        summary["measured_peak"] = int(statistics.median(summary["measured_peak_runs"]))
+        # What the meter accounts for beyond the weights (resident before the window), against the measured growth.
+        accounted = summary["memory"]["total"] - summary["memory"]["weights"]
+        summary["accounted_over_measured"] = accounted / summary["measured_peak"] if summary["measured_peak"] else None
+        summary["predicted"] = profile["methods"].get(name)
+        summary["label"] = name
+        # A peer's plain loop keeps every block in train mode (dropout on everywhere).
+        summary["frozen_dropout"] = frozen_dropout[name]
+        results.append(summary)
+    full = next((r for r in results if r["method"] == "full"), None)
+    for r in results:
+        if full is None:
+            r.update(tokens_per_s_ratio=None, memory_ratio=None, memory_saving_x=None, process_memory_ratio=None,
+                     measured_memory_saving_x=None)
+            continue
+        r["tokens_per_s_ratio"] = r["tokens_per_s"] / full["tokens_per_s"]
+        r["memory_ratio"] = r["memory"]["total"] / full["memory"]["total"]
+        r["memory_saving_x"] = full["memory"]["total"] / r["memory"]["total"]
+        r["process_memory_ratio"] = r["peak_memory_bytes"] / full["peak_memory_bytes"]
+        r["measured_memory_saving_x"] = full["measured_peak"] / r["measured_peak"] if r["measured_peak"] else None
+        pred = r["predicted"] or {}
+        r["percent_of_ideal"] = 100.0 * r["tokens_per_s_ratio"] / pred["predicted_speedup"] if pred.get("predicted_speedup") else None
+    return results
+
+
+def write_results(out: Path, meta: dict, results: list[dict]) -> None:
+    """DIR/results.json, results.md and chart.png; prints the table."""
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "results.md").write_text(render_markdown(meta, results))
-    chart(results, out / "chart.png", title=f"{model_spec}, batch {args.batch_size} x {args.seq_len}")
+    chart(results, out / "chart.png", title=f"{meta['model']}, batch {meta['batch_size']} x {meta['seq_len']}")
     print((out / "results.md").read_text())
+
+
+def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[dict]:
+    """Rebuild a bench folder's results from what its runs wrote (configs/, runs/NAME-REP/summary.json, profile.json):
+    a bench that stopped before its report (a time limit), or repeats completed by hand with
+    ``layerwise train DIR/configs/NAME.yaml --output DIR/runs/NAME-REP``. Every run found counts."""
+    out = Path(folder)
+    names = methods or sorted((p.stem for p in (out / "configs").glob("*.yaml")), key=lambda n: (n != "full", n))
+    if not names:
+        raise ConfigError(f"bench-report: '{out}' has no configs/*.yaml: pass the --output folder of a `layerwise bench` run")
+    raws = {n: load_yaml(out / "configs" / f"{n}.yaml") for n in names}
+    per_method = {}
+    for name in names:
+        runs = []
+        while (out / "runs" / f"{name}-{len(runs)}" / "summary.json").exists():
+            runs.append(json.loads((out / "runs" / f"{name}-{len(runs)}" / "summary.json").read_text()))
+        if not runs:
+            raise ConfigError(f"bench-report: no finished run of '{name}' in {out / 'runs'} (runs/{name}-0/summary.json): "
+                              f"run it, or leave it out with --methods")
+        per_method[name] = runs
+    profile = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {"profile": None, "methods": {}}
+    frozen_dropout = {n: n in PEERS or bool(raws[n].get("train", {}).get("frozen_dropout", False)) for n in names}
+    results = summarize(per_method, profile, frozen_dropout)
+    first = raws[names[0]]
+    counts = sorted({len(r) for r in per_method.values()})
+    meta = {
+        "command": f"layerwise measure bench-report {out}" + (f" --methods {','.join(methods)}" if methods else ""),
+        "rebuilt_from_runs": True,
+        "model": first.get("model", "minilm"),
+        "data": first.get("data", {}).get("source", "rotten_tomatoes"),
+        "steps": first["train"]["max_steps"],
+        "batch_size": first["train"]["batch_size"],
+        "seq_len": first["data"]["max_length"],
+        "repeats": counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}",
+        "runs_per_method": {n: len(r) for n, r in per_method.items()},
+        "device": results[0].get("device"),
+        "profile": profile["profile"],
+        "dropout_regime": dropout_regime(results),
+    }
+    write_results(out, meta, results)
     return results
 
 
@@ -245,7 +299,10 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Batch {meta['batch_size']} x {meta['seq_len']} tokens (padded), {meta['steps']} steps per method "
-        f"(first step not timed), median of {meta['repeats']} run(s), each method in its own process.",
+        f"(first step not timed), median of {meta['repeats']} run(s) (min-max in brackets), each method in its own process"
+        + (f" on {meta['device']}" if meta.get("device") not in (None, "cpu") else "") + ".",
+        *([f"Rebuilt from the runs' summaries (`{meta['command']}`): runs per method "
+           + ", ".join(f"{k} {v}" for k, v in meta["runs_per_method"].items()) + "."] if meta.get("rebuilt_from_runs") else []),
         f"Dropout: {meta['dropout_regime']}",
         *(
             [
@@ -257,7 +314,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         ),
         "",
         "| method | tokens/s | x full | ideal x (cost model) | % of ideal | measured peak (MiB) | measured saving x "
-        "| accounted peak (MiB) | accounted saving x | weights / grads / optimizer / activations (MiB) | peak RSS (MiB) "
+        "| accounted peak (MiB) | accounted saving x | weights / grads / optimizer / activations (MiB) | process peak (MiB) "
         "| trainable params (max) | held-out |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
@@ -267,8 +324,10 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         pred = (r.get("predicted") or {}).get("predicted_speedup")
         ev = r.get("eval") or {}
         held = f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else (f"loss {ev['loss']:.4f}" if "loss" in ev else "-")
+        tps = r.get("tokens_per_s_runs") or []
+        spread = f" ({min(tps):.0f}-{max(tps):.0f})" if len(tps) > 1 else ""
         lines.append(
-            f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f} | {fmt(r.get('tokens_per_s_ratio'), '.2f')} | {fmt(pred, '.2f')} | "
+            f"| {r.get('label', r['method'])} | {r['tokens_per_s']:.0f}{spread} | {fmt(r.get('tokens_per_s_ratio'), '.2f')} | {fmt(pred, '.2f')} | "
             f"{fmt(r.get('percent_of_ideal'), '.0f')} | {mib(r['measured_peak']):.1f} | {fmt(r.get('measured_memory_saving_x'), '.2f')} | "
             f"{mib(m['total']):.1f} | {fmt(r.get('memory_saving_x'), '.2f')} | "
             f"{mib(m['weights']):.1f} / {mib(m['grads']):.1f} / {mib(m['optimizer']):.1f} / {mib(m['activations']):.1f} | "
@@ -281,7 +340,8 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         "Measured peak = the process's peak memory above what it held when the first step began (the loaded model): "
         "peak RSS on CPU, `max_memory_allocated` on CUDA; median over the repeats. Accounted peak = weights + gradients + "
         "optimizer state + bytes saved for backward (each at its peak), counted by layerwise's meter; it leaves out "
-        "working memory (recomputation, temporary buffers, the allocator's slack). Peak RSS is the whole process. "
+        "working memory (recomputation, temporary buffers, the allocator's slack). Process peak: the whole process's peak RSS "
+        "on CPU, `max_memory_allocated` with the model on CUDA. "
         "'ideal x' is the cost model's best tokens/s ratio over `full` at this batch, from per-block forward/backward times "
         "profiled on this machine (see docs/cost-model.md).",
         "",
@@ -299,11 +359,11 @@ def chart(results: list[dict], path: Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r in results:
-        x = r["memory"]["total"] / 2**20
+        x = r["measured_peak"] / 2**20
         y = r["tokens_per_s"]
         ax.scatter([x], [y], s=60)
         ax.annotate(r.get("label", r["method"]), (x, y), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("peak training memory (MiB): weights + grads + optimizer + activations")
+    ax.set_xlabel("measured peak memory above the loaded model (MiB)")
     ax.set_ylabel("tokens/s")
     ax.set_title(title or "memory vs throughput")
     ax.grid(True, alpha=0.3)
