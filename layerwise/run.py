@@ -165,6 +165,10 @@ class Run:
         self.output = Path(cfg.output) if cfg.output else default_output(cfg)
         self.checkpoint = None
         if resume:
+            done = self.output / "summary.json"
+            # Without an end checkpoint (train.checkpoint_at_end off) the newest one is older than a finished run.
+            if done.exists() and json.loads(done.read_text()).get("steps", 0) >= cfg.train.max_steps:
+                raise ConfigError(f"run '{self.output}' is complete ({cfg.train.max_steps} steps, summary.json): nothing to resume")
             self.checkpoint = find_latest(self.output, log=log)
             if self.checkpoint is None:
                 raise ConfigError(f"run folder '{self.output}' has no complete checkpoint to resume from: start a new run instead")

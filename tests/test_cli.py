@@ -231,7 +231,10 @@ def test_bench_writes_results_with_measured_ratios(tiny_bert_dir, cls_jsonl, tmp
 
     # bench-report rebuilds the same rows from the runs, and counts a repeat run by hand beside them.
     assert main(["measure", "bench-report", str(out)]) == 0
-    rebuilt = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    again = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in again["results"]] == ["full", "lift", "freeze"]  # the bench's order, and its command named
+    assert again["meta"]["bench_command"].startswith("layerwise bench") and again["meta"]["rebuilt_from_runs"]
+    rebuilt = {r["method"]: r for r in again["results"]}
     for name, r in results.items():
         for key in ("tokens_per_s", "measured_peak", "tokens_per_s_ratio", "measured_memory_saving_x", "predicted"):
             assert rebuilt[name][key] == r[key], (name, key)

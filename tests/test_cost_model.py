@@ -128,6 +128,13 @@ def test_importance_loop_is_priced_at_the_adapters_eval_mode_forward():
     assert prof.phases(charge, block)["method_hook"] == pytest.approx(expected)
     # Without an eval-mode measurement (older results) the train-mode factor stands in.
     assert prof.phases(charge, dataclasses.replace(block, eval_forward_factor=None))["method_hook"] > expected
+    # The layers it does not select run in eval mode (frozen_dropout off): their adapters are priced the same way.
+    assert set(charge.adapter_blocks) == set(range(4))
+    frozen = tuple(i for i in range(4) if i not in charge.trainable_blocks)
+    in_eval = dataclasses.replace(charge, eval_blocks=frozen)
+    forward = prof.forward_embeddings + prof.forward_head + sum(
+        f_eval[i] * 1.5 if i in frozen else prof.forward_blocks[i] * 3.0 for i in range(4))
+    assert frozen and prof.phases(in_eval, block)["forward"] == pytest.approx(forward)
 
 
 def test_uncalibrated_prediction_meets_a_measured_step():

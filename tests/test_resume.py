@@ -136,11 +136,15 @@ def test_periodic_checkpoints_keep_last_and_corrupt_one_is_skipped(references, t
     assert metrics_steps(out) == [3, 6, 8]
 
 
-def test_checkpoint_at_end_off_writes_none_after_the_last_step_but_a_stop_still_does(tiny_bert_dir, cls_jsonl, tmp_path):
+def test_checkpoint_at_end_off_writes_none_after_the_last_step_but_a_stop_still_does(tiny_bert_dir, cls_jsonl, tmp_path, capsys):
     off = ["--set", "train.checkpoint_at_end=false"]
     done = tmp_path / "done"
-    assert main(args(tiny_bert_dir, cls_jsonl, done, *METHODS["lift"], *off, steps=4)) == 0
-    assert json.loads((done / "summary.json").read_text())["steps"] == 4 and find_latest(done) is None
+    assert main(args(tiny_bert_dir, cls_jsonl, done, *METHODS["lift"], *off, "--set", "train.save_every=3", steps=4)) == 0
+    assert json.loads((done / "summary.json").read_text())["steps"] == 4 and find_latest(done).name == "step-000003"
+    # The newest checkpoint is older than the finished run: resuming would train its last step again.
+    capsys.readouterr()
+    assert main(["train", "--resume", str(done)]) == 2
+    assert "is complete" in capsys.readouterr().err
     stopped = tmp_path / "stopped"
     assert main(args(tiny_bert_dir, cls_jsonl, stopped, *METHODS["lift"], *off, "--stop-at", "2", steps=4)) == 0
     assert find_latest(stopped).name == "step-000002"

@@ -187,7 +187,8 @@ def test_every_ratio_is_computed_from_measured_numbers(suite):
 
 def test_predictions_come_from_the_median_profile(suite):
     """Every run has a profile (--quick: one per repeat round, shared); each method's prediction is its recorded
-    charges priced by the median of all the profiles of its model and precision."""
+    charges priced by the median of all the profiles of its model and precision. (Under --quick a method's own
+    profiles are all of them; test_cost_model's pooling test tells the two apart.)"""
     from layerwise.measure.costmodel import median_profile, predict_charges
     from layerwise.measure.suite import _load_profile
 

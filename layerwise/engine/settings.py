@@ -61,10 +61,11 @@ class TrainConfig:
     log_every: int = 10
     save_model: bool = True
     save_every: int = 0
-    """Write a checkpoint (RUN/checkpoints/step-N, for --resume) every N optimizer steps; 0 = only at the end or on a stop."""
+    """Write a checkpoint (RUN/checkpoints/step-N, for --resume) every N optimizer steps; 0 = only at the end (see
+    checkpoint_at_end) or on a stop."""
     checkpoint_at_end: bool = True
-    """Write a checkpoint after the last step (to resume with a higher max_steps); `bench` turns it off (its runs are
-    timed, not kept). A stop still writes one."""
+    """Write a checkpoint after the last step; `bench` turns it off (its runs are timed, not kept). A stop, and a
+    save_every multiple, still write one."""
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted after each save)."""
     device: str = "auto"

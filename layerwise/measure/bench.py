@@ -3,7 +3,7 @@ seed and padded length; ratios against ``full`` measured in the same invocation;
 model's ideal speedup printed beside each measurement.
 
 Writes ``DIR/results.json`` (a list of per-method summaries with ratios), ``DIR/results.md``
-and ``DIR/chart.png`` (peak training memory vs tokens/s).
+and ``DIR/chart.png`` (measured peak memory above the loaded model vs tokens/s).
 """
 
 from __future__ import annotations
@@ -203,6 +203,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"),
+        "device": next((r["device"] for r in results if r.get("device")), None),
         "dropout_regime": dropout_regime(results),
     }
     write_results(out, meta, results)
@@ -254,12 +255,18 @@ def write_results(out: Path, meta: dict, results: list[dict]) -> None:
 
 def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[dict]:
     """Rebuild a bench folder's results from what its runs wrote (configs/, runs/NAME-REP/summary.json, profile.json):
-    a bench that stopped before its report (a time limit), or repeats completed by hand with
-    ``layerwise train DIR/configs/NAME.yaml --output DIR/runs/NAME-REP``. Every run found counts."""
+    a bench that stopped before its report (a time limit), or repeats completed by hand (``layerwise train
+    DIR/configs/NAME.yaml --output DIR/runs/NAME-REP``; a peer: ``layerwise measure peer ... --peer NAME``). Runs
+    NAME-0, NAME-1, ... count up to the first one missing. A finished bench's order and command are kept."""
     out = Path(folder)
-    names = methods or sorted((p.stem for p in (out / "configs").glob("*.yaml")), key=lambda n: (n != "full", n))
+    prior = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    names = methods or ([r["label"] for r in prior["results"]] if prior else
+                        sorted((p.stem for p in (out / "configs").glob("*.yaml")), key=lambda n: (n != "full", n)))
     if not names:
         raise ConfigError(f"bench-report: '{out}' has no configs/*.yaml: pass the --output folder of a `layerwise bench` run")
+    missing = [n for n in names if not (out / "configs" / f"{n}.yaml").exists()]
+    if missing:
+        raise ConfigError(f"bench-report: no configs/{missing[0]}.yaml in '{out}': name entries of this bench in --methods")
     raws = {n: load_yaml(out / "configs" / f"{n}.yaml") for n in names}
     per_method = {}
     for name in names:
@@ -271,13 +278,16 @@ def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[d
                               f"run it, or leave it out with --methods")
         per_method[name] = runs
     profile = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {"profile": None, "methods": {}}
-    frozen_dropout = {n: n in PEERS or bool(raws[n].get("train", {}).get("frozen_dropout", False)) for n in names}
+    # A peer's config names `full` as its method (bench fills it so); a variant labelled like a peer names its own.
+    peer = {n: n in PEERS and raws[n].get("method", {}).get("name") == "full" for n in names}
+    frozen_dropout = {n: peer[n] or bool(raws[n].get("train", {}).get("frozen_dropout", False)) for n in names}
     results = summarize(per_method, profile, frozen_dropout)
     first = raws[names[0]]
     counts = sorted({len(r) for r in per_method.values()})
     meta = {
         "command": f"layerwise measure bench-report {out}" + (f" --methods {','.join(methods)}" if methods else ""),
         "rebuilt_from_runs": True,
+        **({"bench_command": prior["meta"]["command"]} if prior else {}),
         "model": first.get("model", "minilm"),
         "data": first.get("data", {}).get("source", "rotten_tomatoes"),
         "steps": first["train"]["max_steps"],
@@ -285,7 +295,7 @@ def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[d
         "seq_len": first["data"]["max_length"],
         "repeats": counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}",
         "runs_per_method": {n: len(r) for n, r in per_method.items()},
-        "device": results[0].get("device"),
+        "device": next((r["device"] for r in results if r.get("device")), None),
         "profile": profile["profile"],
         "dropout_regime": dropout_regime(results),
     }
@@ -299,10 +309,12 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Batch {meta['batch_size']} x {meta['seq_len']} tokens (padded), {meta['steps']} steps per method "
-        f"(first step not timed), median of {meta['repeats']} run(s) (min-max in brackets), each method in its own process"
-        + (f" on {meta['device']}" if meta.get("device") not in (None, "cpu") else "") + ".",
-        *([f"Rebuilt from the runs' summaries (`{meta['command']}`): runs per method "
-           + ", ".join(f"{k} {v}" for k, v in meta["runs_per_method"].items()) + "."] if meta.get("rebuilt_from_runs") else []),
+        f"(first step not timed), median of {meta['repeats']} run(s)"
+        + (" (min-max in brackets)" if any(len(r.get("tokens_per_s_runs") or []) > 1 for r in results) else "")
+        + ", each method in its own process" + (f" on {meta['device']}" if meta.get("device") not in (None, "cpu") else "") + ".",
+        *(["Rebuilt from the runs' summaries" + (f" of `{meta['bench_command']}`" if meta.get("bench_command") else "")
+           + ": runs per method " + ", ".join(f"{k} {v}" for k, v in meta["runs_per_method"].items()) + "."]
+          if meta.get("rebuilt_from_runs") else []),
         f"Dropout: {meta['dropout_regime']}",
         *(
             [

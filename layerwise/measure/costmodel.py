@@ -103,7 +103,7 @@ class Charge:
     """A parameter of the head group trains (the final norm included): backward starts even when no block trains."""
     adapter_only: bool = False
     adapter_blocks: tuple[int, ...] = ()
-    """Blocks that carry adapters: their forward costs ``BlockCost.forward_factor``."""
+    """Blocks that carry adapters: their forward costs ``BlockCost.forward_factor`` (``eval_forward_factor`` in eval mode)."""
     eval_blocks: tuple[int, ...] = ()
     """Blocks whose forward runs in eval mode (frozen blocks with ``train.frozen_dropout`` off)."""
     recomputed_blocks: tuple[int, ...] = ()

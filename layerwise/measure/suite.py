@@ -652,9 +652,9 @@ def run_suite(args) -> dict:
             base_cfg, _ = resolve(base)
 
             def profile(label: str, rep: int) -> Path:
-                """A profiled full step in its own process, right before a run of ``label`` (the machine's speed drifts
-                over minutes: each run is predicted from primitives timed beside it, the median of its repeats' profiles).
-                ``--quick`` profiles once per repeat round and prices every method of the round with it."""
+                """A profiled full step in its own process, right before a run of ``label``: through the section the
+                profiles sample the machine's speed as the runs meet it, and their median prices every method
+                (:func:`price_with_every_profile`). ``--quick`` profiles once per repeat round."""
                 key = "shared" if args.quick else label
                 path = out / "results" / f"{model}-{prec}-{key}-profile{'' if rep == 1 else f'-r{rep}'}.json"
                 if not path.exists():
