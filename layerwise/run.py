@@ -166,7 +166,8 @@ class Run:
         self.checkpoint = None
         if resume:
             done = self.output / "summary.json"
-            # Without an end checkpoint (train.checkpoint_at_end off) the newest one is older than a finished run.
+            # Read from the summary, not the newest checkpoint: without an end checkpoint
+            # (train.checkpoint_at_end off) that one is older than a finished run.
             if done.exists() and json.loads(done.read_text()).get("steps", 0) >= cfg.train.max_steps:
                 raise ConfigError(f"run '{self.output}' is complete ({cfg.train.max_steps} steps, summary.json): nothing to resume")
             self.checkpoint = find_latest(self.output, log=log)
@@ -236,8 +237,6 @@ class Run:
             loop_state = None
             if self.checkpoint is not None:
                 loop_state = load_checkpoint(self.checkpoint, trainer)
-                if trainer.step_index >= tcfg.max_steps and (out / "summary.json").exists():
-                    raise ConfigError(f"run '{out}' is complete ({trainer.step_index} of {tcfg.max_steps} steps): nothing to resume")
                 _truncate_metrics(out / "metrics.jsonl", trainer.step_index)
                 self.log(f"resuming from {self.checkpoint} (step {trainer.step_index} of {tcfg.max_steps})")
             if self.prefix_decision.enabled:

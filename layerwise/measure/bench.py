@@ -184,8 +184,7 @@ def run_bench(args, base_raw: dict) -> list[dict]:
                 shutil.rmtree(own_cache, ignore_errors=True)
             print(f"{summary['tokens_per_s']:.0f} tokens/s, peak training memory {summary['memory']['total'] / 2**20:.0f} MiB", flush=True)
 
-    frozen_dropout = {name: name in peers or bool(raws[name].get("train", {}).get("frozen_dropout", False)) for name in methods}
-    results = summarize(per_method, profile, frozen_dropout)
+    results = summarize(per_method, profile, raws, set(peers))
     command = "layerwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "layerwise bench"
     meta = {
         "command": command,
@@ -203,15 +202,15 @@ def run_bench(args, base_raw: dict) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(default)"),
-        "device": next((r["device"] for r in results if r.get("device")), None),
         "dropout_regime": dropout_regime(results),
     }
     write_results(out, meta, results)
     return results
 
 
-def summarize(per_method: dict[str, list[dict]], profile: dict, frozen_dropout: dict[str, bool]) -> list[dict]:
-    """Each entry's runs (summary.json of each repeat, in order) as one row: medians, the runs' spread, ratios to `full`."""
+def summarize(per_method: dict[str, list[dict]], profile: dict, raws: dict[str, dict], peers: set[str]) -> list[dict]:
+    """Each entry's runs (summary.json of each repeat, in order) as one row: medians, the runs' spread, ratios to `full`;
+    ``raws``: each entry's config, ``peers``: the entries run by a peer library."""
     results = []
     for name, runs in per_method.items():
         summary = dict(runs[-1])
@@ -227,7 +226,7 @@ def summarize(per_method: dict[str, list[dict]], profile: dict, frozen_dropout: 
         summary["predicted"] = profile["methods"].get(name)
         summary["label"] = name
         # A peer's plain loop keeps every block in train mode (dropout on everywhere).
-        summary["frozen_dropout"] = frozen_dropout[name]
+        summary["frozen_dropout"] = name in peers or bool(raws[name].get("train", {}).get("frozen_dropout", False))
         results.append(summary)
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
@@ -247,6 +246,7 @@ def summarize(per_method: dict[str, list[dict]], profile: dict, frozen_dropout: 
 
 def write_results(out: Path, meta: dict, results: list[dict]) -> None:
     """DIR/results.json, results.md and chart.png; prints the table."""
+    meta.setdefault("device", next((r["device"] for r in results if r.get("device")), None))
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "results.md").write_text(render_markdown(meta, results))
     chart(results, out / "chart.png", title=f"{meta['model']}, batch {meta['batch_size']} x {meta['seq_len']}")
@@ -279,9 +279,8 @@ def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[d
         per_method[name] = runs
     profile = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {"profile": None, "methods": {}}
     # A peer's config names `full` as its method (bench fills it so); a variant labelled like a peer names its own.
-    peer = {n: n in PEERS and raws[n].get("method", {}).get("name") == "full" for n in names}
-    frozen_dropout = {n: peer[n] or bool(raws[n].get("train", {}).get("frozen_dropout", False)) for n in names}
-    results = summarize(per_method, profile, frozen_dropout)
+    peers = {n for n in names if n in PEERS and raws[n].get("method", {}).get("name") == "full"}
+    results = summarize(per_method, profile, raws, peers)
     first = raws[names[0]]
     counts = sorted({len(r) for r in per_method.values()})
     meta = {
@@ -295,7 +294,6 @@ def bench_report(folder: str | Path, methods: list[str] | None = None) -> list[d
         "seq_len": first["data"]["max_length"],
         "repeats": counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}",
         "runs_per_method": {n: len(r) for n, r in per_method.items()},
-        "device": next((r["device"] for r in results if r.get("device")), None),
         "profile": profile["profile"],
         "dropout_regime": dropout_regime(results),
     }
