@@ -2,8 +2,9 @@
 # Quality with error bars (docs/quality.md): every method at its default lr, seeds 1, 2 and 3, under the model's quality
 # protocol (protocol.sh).
 #   equal steps: one `layerwise bench` per seed, the methods interleaved within it;
-#   equal wall-clock: each method trained for the steps that fit in full's median setup + training seconds at its own
-#   median seconds per step from the equal-steps runs (the same config otherwise), seeds interleaved the same way.
+#   equal wall-clock: each method trained for the steps that fit in full's median setup + training seconds, after its
+#   own median setup (salf's probe), at its own median training seconds per step from the equal-steps runs (the same
+#   config otherwise), seeds interleaved the same way; a method whose setup alone exceeds the budget is not run.
 # Usage: bash docs/bench/quality/run.sh minilm|smollm2 [WORK_DIR [time]]   (writes MODEL-equal-{steps,time}.json/.md here;
 #   time: only the equal wall-clock half, from the equal-steps runs already in WORK_DIR and MODEL-equal-steps.json)
 set -euo pipefail
@@ -22,10 +23,13 @@ from pathlib import Path
 summary, work = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 entries = {e["label"]: e for e in summary["entries"]}
 budget = entries["full"]["seconds"]
-steps = {label: max(1, round(e["steps"] * budget / e["seconds"])) for label, e in entries.items()}
+# The setup is paid once, before the first step; only what is left of the budget buys steps.
+steps = {label: round(e["steps"] * (budget - (e["seconds"] - e["train_seconds"])) / e["train_seconds"]) for label, e in entries.items()}
 print("equal wall-clock budget", round(budget, 1), "s:", steps, flush=True)
+for label in [label for label, n in steps.items() if n < 1]:
+    print(f"{label}: its setup alone ({entries[label]['seconds'] - entries[label]['train_seconds']:.1f} s) leaves no step in the budget; not run", flush=True)
 for seed in (1, 2, 3):
-    for label in entries:
+    for label in [label for label, n in steps.items() if n >= 1]:
         run = work / f"time-seed{seed}" / "runs" / f"{label}-0"
         run.parent.mkdir(parents=True, exist_ok=True)
         with open(run.parent / f"{label}-0.log", "w") as log:
