@@ -4,7 +4,7 @@
 #   equal steps: one `layerwise bench` per seed, the methods interleaved within it;
 #   equal wall-clock: each method trained for the steps that fit in full's median setup + training seconds, after its
 #   own median setup (salf's probe), at its own median training seconds per step from the equal-steps runs (the same
-#   config otherwise), seeds interleaved the same way; a method whose setup alone exceeds the budget is not run.
+#   config otherwise), seeds interleaved the same way; a method left without a whole step is not run (said in the log).
 # Usage: bash docs/bench/quality/run.sh minilm|smollm2 [WORK_DIR [time]]   (writes MODEL-equal-{steps,time}.json/.md here;
 #   time: only the equal wall-clock half, from the equal-steps runs already in WORK_DIR and MODEL-equal-steps.json)
 set -euo pipefail
@@ -18,16 +18,18 @@ if [ "${3:-}" != time ]; then
   layerwise measure quality-report "$work"/steps-seed{1,2,3} --metrics "$metrics" --output "$here/$1-equal-steps"
 fi
 python - "$here/$1-equal-steps.json" "$work" <<'PY'
-import json, subprocess, sys
+import json, statistics, subprocess, sys
 from pathlib import Path
 summary, work = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 entries = {e["label"]: e for e in summary["entries"]}
 budget = entries["full"]["seconds"]
 # The setup is paid once, before the first step; only what is left of the budget buys steps.
-steps = {label: round(e["steps"] * (budget - (e["seconds"] - e["train_seconds"])) / e["train_seconds"]) for label, e in entries.items()}
+setup = {label: statistics.median(json.loads((work / f"steps-seed{seed}" / "runs" / f"{label}-0" / "summary.json").read_text())
+                                  .get("setup_seconds", 0.0) for seed in (1, 2, 3)) for label in entries}
+steps = {label: max(0, round(e["steps"] * (budget - setup[label]) / e["train_seconds"])) for label, e in entries.items()}
 print("equal wall-clock budget", round(budget, 1), "s:", steps, flush=True)
 for label in [label for label, n in steps.items() if n < 1]:
-    print(f"{label}: its setup alone ({entries[label]['seconds'] - entries[label]['train_seconds']:.1f} s) leaves no step in the budget; not run", flush=True)
+    print(f"{label}: its median setup ({setup[label]:.1f} s) leaves no whole step in the budget; not run", flush=True)
 for seed in (1, 2, 3):
     for label in [label for label, n in steps.items() if n >= 1]:
         run = work / f"time-seed{seed}" / "runs" / f"{label}-0"
